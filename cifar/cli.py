@@ -1,0 +1,116 @@
+"""LightningCLI glue: links, one directory per run, the config saved with the run, `best`/`last` from disk.
+
+Every subcommand (fit, validate, test, predict) gets its own run directory,
+`<trainer.default_root_dir>/<YYYYmmdd-HHMMSS>-<subcommand>/`, holding `config.yaml` (the resolved
+config, re-runnable as is), the loggers' files (`wandb/`, ...), `checkpoints/` and any other output.
+Nothing a run writes can collide with another run's files. Within the run, `trainer.default_root_dir`
+is that directory; the W&B run id is its name.
+"""
+
+import importlib
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from cifar.checkpoints import resolve_checkpoint
+from cifar.data import CIFAR10DataModule
+from cifar.errors import UserError
+from cifar.module import LitModel
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as `config.yaml` in the run directory and sends it to every logger
+    (W&B: the run's config, under the key `config`).
+
+    It saves `user_config`, the config as resolved from defaults, files and arguments, rather than
+    `config`, which also holds this run's own paths and W&B id: re-running the saved file must make a
+    new run, not write into (or resume) this one.
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, run_dir: str, user_config: Namespace):
+        super().__init__(parser, user_config, save_to_log_dir=False)
+        self.run_dir = Path(run_dir)
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, self.run_dir / "config.yaml", skip_none=False, multifile=self.multifile)
+        as_dict = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": as_dict})
+
+
+def class_of(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def configured(value) -> list[Namespace]:
+    """The class_path/init_args entries of a config value that may be None, a bool, one entry or a list."""
+    entries = value if isinstance(value, list) else [value]
+    return [e for e in entries if isinstance(e, Namespace) and "class_path" in e]
+
+
+def new_run_dir(root: Path, subcommand: str) -> Path:
+    """Create and return a run directory that no other run has, named by the time and the subcommand."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{datetime.now():%Y%m%d-%H%M%S}-{subcommand}"
+    for suffix in ["", *(f"-{i}" for i in range(2, 1000))]:
+        try:
+            (root / (name + suffix)).mkdir()  # atomic: two processes cannot both create it
+            return root / (name + suffix)
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run directory under {root}")
+
+
+class CifarCLI(LightningCLI):
+    """`LightningCLI(LitModel, CIFAR10DataModule)` with per-run directories and `--ckpt_path best|last` from disk."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data decides the number of classes; model and net follow (no number typed twice).
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
+        parser.set_defaults({"trainer.default_root_dir": "runs"})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        root = Path(config.trainer.default_root_dir)
+        if config.get("ckpt_path"):
+            config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, root))
+        saved = config.clone()
+        run_dir = new_run_dir(root, self.subcommand)
+        config.trainer.default_root_dir = str(run_dir)
+        for logger in configured(config.trainer.logger):
+            if issubclass(class_of(logger.class_path), Logger) and "save_dir" in logger.init_args:
+                logger.init_args.save_dir = str(run_dir)
+            if issubclass(class_of(logger.class_path), WandbLogger):
+                if not (logger.init_args.get("version") or logger.init_args.get("id")):
+                    logger.init_args.version = run_dir.name  # W&B run id = run directory name
+                if "job_type" in logger.init_args and not logger.init_args.job_type:
+                    logger.init_args.job_type = self.subcommand
+        for callback in configured(config.trainer.callbacks):
+            if issubclass(class_of(callback.class_path), ModelCheckpoint) and not callback.init_args.get("dirpath"):
+                callback.init_args.dirpath = str(run_dir / "checkpoints")
+        self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
+    try:
+        CifarCLI(
+            LitModel,
+            CIFAR10DataModule,
+            save_config_callback=RunConfigSaver,
+            auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
+            args=args,
+        )
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,179 @@
+"""CIFAR10DataModule: decode once into uint8 tensors in memory, split by seed, serve whole batches.
+
+Batches are (uint8 images (N, 3, 32, 32), int64 labels (N,)), gathered with one tensor index per
+batch (`__getitems__`), never one PIL image per sample; the model normalizes them on its device.
+"""
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cifar import datasets
+from cifar.errors import UserError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class TensorBatches(Dataset):
+    """Images and targets held as two tensors; a DataLoader fetches a whole batch with one index op."""
+
+    def __init__(self, images: Tensor, targets: Tensor):
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.tensor(indices)
+        return self.images[index], self.targets[index]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """collate_fn for TensorBatches: the batch is already stacked."""
+    return batch
+
+
+def count(size: int | float, total: int, name: str) -> int:
+    """A size given as a count (int) or a fraction of `total` (float in [0, 1))."""
+    n = round(size * total) if isinstance(size, float) else size
+    if not (0 <= n < total) or (isinstance(size, float) and not 0 <= size < 1):
+        raise UserError(f"--data.{name}={size} is out of range: give a count in [0, {total}) or a fraction in [0, 1)")
+    return n
+
+
+class CIFAR10DataModule(LightningDataModule):
+    """CIFAR-10 from the official python release or from image folders, held in memory as uint8.
+
+    Args:
+        data_dir: Folder holding `cifar-10-batches-py/` (official release) or `train/<class>/*` and
+            `test/<class>/*` image folders (PNG or JPEG, classes in sorted order).
+        batch_size: Images per batch, for every stage.
+        val_size: Validation images held out of the training set: a count, or a fraction in [0, 1).
+        test_size: Test images held out of the training set instead of using the data's test split
+            (for data without one, like a train-only image folder): a count, a fraction, or null.
+        num_workers: DataLoader worker processes; 0 is right for in-memory tensors.
+        seed: Seed of the train/val/test split: the same seed gives the same split in every process.
+        download: Download the official release into `data_dir` when no data is there.
+        predict_dir: Folder of your own PNG/JPEG images (any size, resized to 32x32) for `predict`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 32,
+        val_size: int | float = 5000,
+        test_size: int | float | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        download: bool = True,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.val_size, self.test_size = val_size, test_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.download = download
+        self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.predict_files: list[Path] = []
+
+    @property
+    def format(self) -> str | None:
+        return datasets.detect_format(self.data_dir)
+
+    @cached_property
+    def classes(self) -> list[str]:
+        """Class names, index = label. Read at start-up so that `num_classes` can configure the model."""
+        if self.format == "official":
+            return datasets.official_classes(self.data_dir)
+        if self.format == "folder":
+            return datasets.folder_classes(self.data_dir / "train")
+        if self.download:
+            return CIFAR10_CLASSES  # what prepare_data will download
+        raise UserError(datasets.missing_data_message(self.data_dir))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prepare_data(self) -> None:
+        """Download the official release when nothing is there (the only place that downloads)."""
+        if self.format is None:
+            if not self.download:
+                raise UserError(datasets.missing_data_message(self.data_dir))
+            datasets.download_official(self.data_dir)
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            self.predict_dataset = self._read_predict_dir()
+            return
+        if not hasattr(self, "train_dataset"):
+            self._split()
+
+    def _read_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        if self.format == "official":
+            images, labels, _ = datasets.read_official(self.data_dir, train)
+            return images, labels
+        split_dir = self.data_dir / ("train" if train else "test")
+        if not split_dir.is_dir():
+            raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ "
+                            f"folders there, or hold out part of the training images with --data.test_size 5000")
+        return datasets.read_folder(split_dir, self.classes)
+
+    def _split(self) -> None:
+        images, labels = self._read_split(train=True)
+        n = len(images)
+        n_test = 0 if self.test_size is None else count(self.test_size, n, "test_size")
+        n_val = count(self.val_size, n - n_test, "val_size")
+        # A fixed generator: the same seed gives the same split in fit, and in test run later elsewhere.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+        self.train_dataset = TensorBatches(images[train], labels[train])
+        self.val_dataset = TensorBatches(images[val], labels[val])
+        if self.test_size is None:
+            self.test_dataset = TensorBatches(*self._read_split(train=False))
+        else:
+            self.test_dataset = TensorBatches(images[test], labels[test])
+        rank_zero_info(
+            f"Data: {'official CIFAR-10 release' if self.format == 'official' else 'image folders'} in "
+            f"{self.data_dir}, {len(self.classes)} classes: {len(self.train_dataset)} train, "
+            f"{len(self.val_dataset)} val, {len(self.test_dataset)} test"
+            + (" (held out of train)" if self.test_size is not None else "")
+        )
+
+    def _read_predict_dir(self) -> TensorBatches:
+        if self.predict_dir is None:
+            raise UserError("predict needs your images: pass --data.predict_dir DIR (a folder of PNG/JPEG files)")
+        if not self.predict_dir.is_dir():
+            raise UserError(f"--data.predict_dir {self.predict_dir} is not a folder")
+        self.predict_files = datasets.image_files(self.predict_dir, strict=False)
+        if not self.predict_files:
+            raise UserError(f"no PNG or JPEG images in {self.predict_dir}")
+        images = datasets.read_images(self.predict_files)
+        return TensorBatches(images, torch.arange(len(images)))
+
+    def _loader(self, dataset: TensorBatches, shuffle: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=keep_batch, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset)

@@ -1,0 +1,145 @@
+"""Readers: each turns one on-disk format into uint8 tensors, once, with errors that name the file.
+
+Formats under `data_dir`:
+- the official CIFAR-10 python release, `cifar-10-batches-py/` (what torchvision downloads), every
+  file checked against the official MD5 before it is unpickled;
+- an image-folder tree, `train/<class>/*.png|jpg` and optionally `test/<class>/*`, classes in sorted order.
+"""
+
+import pickle
+import socket
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import Tensor
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.folder import find_classes
+from torchvision.datasets.utils import check_integrity
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2.functional import resize
+
+from cifar.errors import UserError
+
+IMAGE_SIZE = 32  # pixels; every image is resized to IMAGE_SIZE x IMAGE_SIZE if it is not already
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+OFFICIAL_DIR = CIFAR10.base_folder  # "cifar-10-batches-py"
+DOWNLOAD_TIMEOUT = 30  # seconds without a byte before a download gives up
+
+
+def detect_format(data_dir: Path) -> str | None:
+    """'official', 'folder', or None when `data_dir` holds neither."""
+    if (data_dir / OFFICIAL_DIR).is_dir():
+        return "official"
+    if (data_dir / "train").is_dir():
+        return "folder"
+    return None
+
+
+def missing_data_message(data_dir: Path) -> str:
+    return (
+        f"no CIFAR-10 data in {data_dir.resolve()}: looked for {OFFICIAL_DIR}/ (the official python release) "
+        f"and train/<class>/ (image folders). Put one of them there, point --data.data_dir at it, "
+        f"or set --data.download true on a machine that can reach {CIFAR10.url}"
+    )
+
+
+def download_official(data_dir: Path) -> None:
+    """Download and extract the official release with torchvision (archive MD5 checked by torchvision)."""
+    archive = data_dir / CIFAR10.filename
+    if archive.exists() and not check_integrity(str(archive), CIFAR10.tgz_md5):
+        print(f"{archive} fails its MD5 checksum (corrupt or incomplete download): downloading it again")
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen has none: never hang
+    try:
+        CIFAR10(str(data_dir), train=True, download=True)
+    except (URLError, OSError) as error:
+        raise UserError(f"downloading CIFAR-10 failed ({error}); {missing_data_message(data_dir)}") from error
+    except RuntimeError as error:  # torchvision: the downloaded archive failed its checksum
+        raise UserError(f"the CIFAR-10 archive {archive} is corrupt ({error}); delete it and try again") from error
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def verify_official(data_dir: Path, train: bool) -> None:
+    """Check each file of the official release against the official MD5 before anything unpickles it."""
+    files = (CIFAR10.train_list if train else CIFAR10.test_list) + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    for name, md5 in files:
+        path = data_dir / OFFICIAL_DIR / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the official CIFAR-10 release; restore it or delete "
+                            f"{path.parent} and download again (--data.download true)")  # fmt: skip
+        if not check_integrity(str(path), md5):
+            raise UserError(f"{path} fails its MD5 checksum against the official CIFAR-10 release (corrupt or "
+                            f"modified); delete {path.parent} and download again (--data.download true)")  # fmt: skip
+
+
+def read_official(data_dir: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names) of one split of the official release."""
+    verify_official(data_dir, train)
+    dataset = CIFAR10(str(data_dir), train=train, download=False)
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+
+
+def official_classes(data_dir: Path) -> list[str]:
+    """Class names from `batches.meta` (checksummed first: it is a pickle)."""
+    meta = data_dir / OFFICIAL_DIR / CIFAR10.meta["filename"]
+    if not check_integrity(str(meta), CIFAR10.meta["md5"]):
+        raise UserError(f"{meta} is missing or fails its MD5 checksum; delete {meta.parent} and download again")
+    with open(meta, "rb") as f:
+        return list(pickle.load(f, encoding="latin1")[CIFAR10.meta["key"]])
+
+
+def folder_classes(split_dir: Path) -> list[str]:
+    try:
+        classes, _ = find_classes(str(split_dir))
+    except FileNotFoundError as error:
+        raise UserError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>.png|jpg") from error
+    return classes
+
+
+def read_folder(split_dir: Path, classes: list[str]) -> tuple[Tensor, Tensor]:
+    """(images, labels) of an image-folder split whose class folders must match `classes`."""
+    found = folder_classes(split_dir)
+    if found != classes:
+        raise UserError(f"class folders of {split_dir} ({', '.join(found)}) differ from the training "
+                        f"classes ({', '.join(classes)})")  # fmt: skip
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = image_files(split_dir / name, strict=True)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise UserError(f"no images in the class folders of {split_dir}")
+    return read_images(paths), torch.tensor(labels, dtype=torch.long)
+
+
+def image_files(folder: Path, strict: bool) -> list[Path]:
+    """Sorted image files of a folder (recursively); hidden files are ignored.
+
+    Other files are an error when `strict` (a class folder) and skipped with a note otherwise.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others and strict:
+        raise UserError(f"{others[0]} is not a PNG or JPEG image ({len(others)} such file(s) in {folder}); "
+                        f"move non-image files out of the data folders")  # fmt: skip
+    if others:
+        print(f"skipping {len(others)} non-image file(s) in {folder}, e.g. {others[0].name}")
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def read_images(paths: list[Path]) -> Tensor:
+    """Decode image files to one uint8 tensor (N, 3, IMAGE_SIZE, IMAGE_SIZE), resizing where needed."""
+    images = torch.empty(len(paths), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except RuntimeError as error:
+            raise UserError(f"cannot decode {path} as an image ({str(error).splitlines()[0]}); "
+                            f"replace or remove it") from error  # fmt: skip
+        if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            image = resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+        images[i] = image
+    return images
