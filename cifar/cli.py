@@ -13,11 +13,12 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from cifar.checkpoints import resolve_checkpoint
 from cifar.data import CIFAR10DataModule
@@ -83,7 +84,10 @@ class CifarCLI(LightningCLI):
         config = self.config[self.subcommand]
         root = Path(config.trainer.default_root_dir)
         if config.get("ckpt_path"):
-            config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, root))
+            resolved = resolve_checkpoint(config.ckpt_path, root)
+            if config.ckpt_path in ("best", "last"):
+                rank_zero_info(f"--ckpt_path {config.ckpt_path}: {resolved} (the latest run under {root})")
+            config.ckpt_path = str(resolved)
         saved = config.clone()
         run_dir = new_run_dir(root, self.subcommand)
         config.trainer.default_root_dir = str(run_dir)
@@ -99,6 +103,15 @@ class CifarCLI(LightningCLI):
             if issubclass(class_of(callback.class_path), ModelCheckpoint) and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
         self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
+        self.run_dir = run_dir
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            if not any(self.run_dir.iterdir()):  # a run that never started leaves no empty folder behind
+                self.run_dir.rmdir()
+            raise
 
 
 def main(args: list[str] | None = None) -> None:
@@ -110,7 +123,13 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=RunConfigSaver,
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
             args=args,
+            parser_kwargs={"exit_on_error": False},  # errors come to us: one line, not the whole usage
         )
+    except ArgumentError as error:
+        command = " ".join(a for a in (args if args is not None else sys.argv[1:])[:1] if not a.startswith("-"))
+        message = " ".join(str(error).split())  # jsonargparse spreads some messages over lines
+        print(f"error: {message} (see: main.py {command} --help)", file=sys.stderr)
+        sys.exit(2)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

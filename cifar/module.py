@@ -58,7 +58,7 @@ class LitModel(LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         self.train_acc.update(logits, labels)  # computed once per epoch, not per step
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)  # train_loss_step, _epoch
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

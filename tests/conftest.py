@@ -1,0 +1,119 @@
+"""Tiny data sets in every format the app reads, and a runner for the real CLI in a subprocess.
+
+The official CIFAR-10 format is checked against the official MD5s; tests make their own tiny
+batches, so they patch torchvision's checksum table to theirs (in-process with monkeypatch; in a
+subprocess through `run_cli(..., checksums=...)`). Everything runs offline: W&B in offline mode.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import CIFAR10
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "cifar.yaml")
+CLASSES = ["bird", "cat", "dog"]  # not 10: proves num_classes flows from the data to the model
+OFFICIAL_CLASSES = ["apple", "boat", "car", "dog"]
+# Small enough to run in seconds: batch 8, 2 epochs.
+FAST = ["--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+
+# Runs the CLI with torchvision's CIFAR-10 checksum table replaced by the test data's (JSON in argv[1]).
+PATCHED_MAIN = """
+import json, sys
+from torchvision.datasets import CIFAR10
+table = json.loads(sys.argv.pop(1))
+if table:
+    CIFAR10.train_list, CIFAR10.test_list = table["train_list"], table["test_list"]
+    CIFAR10.meta = {**CIFAR10.meta, "md5": table["meta_md5"]}
+from cifar.cli import main
+main()
+"""
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def class_images(label: int, n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """n noisy RGB images (n, size, size, 3) uint8 whose mean colour depends on the label (learnable)."""
+    base = np.zeros(3)
+    base[label % 3] = 170
+    noise = rng.integers(0, 85, size=(n, size, size, 3))
+    return (base + noise).clip(0, 255).astype(np.uint8)
+
+
+def make_folder_data(root: Path, per_class: int = 16, test_per_class: int = 4) -> Path:
+    """train/<class>/ and test/<class>/ with PNG and JPEG files."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, pixels in enumerate(class_images(label, n, rng)):
+                Image.fromarray(pixels).save(folder / f"{i:04d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def make_official_data(root: Path, per_batch: int = 12, test_count: int = 12) -> dict:
+    """cifar-10-batches-py/ in the official pickle format; returns the checksum table for it."""
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+
+    def write_batch(name: str, n: int) -> list[str]:
+        labels = [int(x) for x in rng.integers(0, len(OFFICIAL_CLASSES), size=n)]
+        rows = np.stack([class_images(y, 1, rng)[0].transpose(2, 0, 1).reshape(-1) for y in labels])
+        batch = {"batch_label": name, "labels": labels, "data": rows, "filenames": ["x.png"] * n}  # py2 str keys read back as str
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+        return [name, md5(folder / name)]
+
+    train_list = [write_batch(f"data_batch_{i}", per_batch) for i in range(1, 6)]
+    test_list = [write_batch("test_batch", test_count)]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": OFFICIAL_CLASSES, "num_cases_per_batch": per_batch}, f)
+    return {"train_list": train_list, "test_list": test_list, "meta_md5": md5(folder / "batches.meta")}
+
+
+@pytest.fixture
+def folder_data(tmp_path: Path) -> Path:
+    return make_folder_data(tmp_path / "folder-data")
+
+
+@pytest.fixture
+def official_data(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """(data_dir, checksums); the checksums are also patched in this process."""
+    table = make_official_data(tmp_path / "official-data")
+    monkeypatch.setattr(CIFAR10, "train_list", table["train_list"])
+    monkeypatch.setattr(CIFAR10, "test_list", table["test_list"])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": table["meta_md5"]})
+    return tmp_path / "official-data", table
+
+
+@pytest.fixture(autouse=True)
+def hermetic_wandb(tmp_path: Path, monkeypatch) -> None:
+    """Keep W&B's settings and cache out of the home directory; never reach a server."""
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / ".wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / ".wandb-data"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def run_cli(args: list[str], cwd: Path, checksums: dict | None = None, env: dict | None = None, check=True):
+    """Run `python main.py ARGS` (the real CLI) in a new process; returns the CompletedProcess."""
+    command = [sys.executable, "-c", PATCHED_MAIN, json.dumps(checksums or {}), *args]
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,114 @@
+"""The real CLI in subprocesses: fit -> test --ckpt_path best -> predict, in both data formats."""
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, make_folder_data, make_official_data, run_cli
+from PIL import Image
+
+import wandb_records
+
+SECRET = "fake-api-key-0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(params=["folder", "official"])
+def dataset(request, tmp_path: Path) -> tuple[Path, dict | None, list[str]]:
+    """(data_dir, checksum table or None, class names) for each format the app reads."""
+    if request.param == "folder":
+        return make_folder_data(tmp_path / "data"), None, CLASSES
+    return tmp_path / "data", make_official_data(tmp_path / "data"), OFFICIAL_CLASSES
+
+
+def only(paths) -> Path:
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
+    data_dir, checksums, classes = dataset
+    common = ["--config", CONFIG, "--data.data_dir", str(data_dir), "--data.val_size", "12", *FAST]
+    run_cli(["fit", *common], tmp_path, checksums, env={"WANDB_API_KEY": SECRET})
+
+    # One run directory with the resolved config, both checkpoints, and the offline W&B run.
+    run = only((tmp_path / "runs" / "cifar").glob("*-fit"))
+    assert "data_dir: " + str(data_dir) in (run / "config.yaml").read_text()
+    checkpoints = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects
+    assert last["hyper_parameters"]["net"]["class_path"] == "cifar.nets.TutorialCNN"
+    assert last["state_dict"]["net.classifier.5.weight"].shape[0] == len(classes)  # linked from the data
+    best = Path(last["callbacks"][only(k for k in last["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_path"])
+
+    # test in a new process evaluates that best checkpoint.
+    test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path, checksums)
+    assert f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best.name}" in test.stderr
+    assert f"Restoring states from the checkpoint path at runs/cifar/{run.name}/checkpoints/{best.name}" in test.stderr
+    assert re.search(r"test_acc\s*│\s*[0-9.]+", test.stdout), test.stdout
+
+    # predict: PNG and JPEG of other sizes and modes, resized; one CSV row per image.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("RGB", (200, 120), (200, 10, 10)).save(mine / "red.png")
+    Image.new("L", (16, 16), 90).save(mine / "gray.jpg")
+    Image.new("RGBA", (33, 31), (0, 0, 255, 128)).save(mine / "blue.png")
+    (mine / "README.txt").write_text("not an image")
+    predict = run_cli(["predict", *common, "--ckpt_path", "best", "--data.predict_dir", str(mine)], tmp_path, checksums)
+    where = re.search(r"Predictions for 3 images written to (\S+)", predict.stdout + predict.stderr)
+    assert where, predict.stdout + predict.stderr
+    rows = list(csv.DictReader(open(tmp_path / where.group(1))))
+    assert [Path(r["file"]).name for r in rows] == ["blue.png", "gray.jpg", "red.png"]
+    assert list(rows[0]) == ["file", "predicted", "confidence", *[f"p_{c}" for c in classes]]
+    for row in rows:
+        probs = [float(row[f"p_{c}"]) for c in classes]
+        assert abs(sum(probs) - 1) < 1e-4 and row["predicted"] == classes[probs.index(max(probs))]
+        assert float(row["confidence"]) == pytest.approx(max(probs), abs=1e-6)
+
+    # No API key in anything the runs wrote (configs, W&B files, logs, checkpoints).
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data: Path, tmp_path: Path):
+    args = ["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST]
+    run_cli(args, tmp_path)
+    run_file = only((tmp_path / "runs" / "cifar").glob("*-fit/wandb/offline-run-*/run-*.wandb"))
+    history = wandb_records.history(run_file)
+
+    images = [row for row in history if "val/examples/captions" in row]
+    steps_per_epoch = (3 * 16 - 12) // 8 + 1  # 36 training images, batch 8 -> 5 steps
+    assert [row["trainer/global_step"] for row in images] == [steps_per_epoch, 2 * steps_per_epoch]  # no sanity pass
+    captions = [row["val/examples/captions"] for row in images]
+    assert len(captions[0]) == 12  # all 12 validation images (fewer than num_samples=32)
+    pattern = re.compile(rf"Pred: ({'|'.join(CLASSES)}), Label: ({'|'.join(CLASSES)})")
+    assert all(pattern.fullmatch(c) for c in captions[0] + captions[1]), captions
+    labels = [[c.split("Label: ")[1] for c in epoch] for epoch in captions]
+    assert labels[0] == labels[1]  # the same images every epoch
+
+    logged = set().union(*history)
+    assert {"train_loss_epoch", "train_acc", "val_loss", "val_acc"} <= logged
+    config = wandb_records.config(run_file)
+    assert config["config"]["data"]["data_dir"] == str(folder_data)  # the whole resolved CLI config
+    assert config["config"]["trainer"]["callbacks"][2]["class_path"] == "cifar.callbacks.ImagePredictionLogger"
+
+
+def test_runs_never_collide_and_best_last_follow_the_latest_run(folder_data: Path, tmp_path: Path):
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST]
+    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+    first = only((tmp_path / "runs" / "cifar").glob("*-fit"))
+    first_config = (first / "config.yaml").read_text()
+    first_checkpoints = sorted(p.name for p in (first / "checkpoints").iterdir())
+    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+
+    second = only(p for p in (tmp_path / "runs" / "cifar").glob("*-fit") if p != first)
+    assert (first / "config.yaml").read_text() == first_config  # untouched by the second run
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == first_checkpoints
+    validate = run_cli(["validate", *common, "--ckpt_path", "last"], tmp_path)
+    assert f"--ckpt_path last: runs/cifar/{second.name}/checkpoints/last.ckpt" in validate.stderr
+    test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path)
+    assert f"--ckpt_path best: runs/cifar/{second.name}/checkpoints/epoch=0-" in test.stderr
+    assert (tmp_path / "runs" / "cifar").glob("*-test").__next__().joinpath("config.yaml").exists()

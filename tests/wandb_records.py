@@ -1,0 +1,59 @@
+"""Read the records of an offline W&B run file (`run-<id>.wandb`), to check what a run logged.
+
+The file is a 7-byte header (":W&B", magic 0xBEE1, version) followed by LevelDB-log framing:
+32 KiB blocks of chunks, each with a 7-byte header (CRC32, little-endian length, type: 1 full,
+2 first, 3 middle, 4 last). Each reassembled payload is a serialized `wandb_internal_pb2.Record`.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def records(path: Path) -> list:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, pending, pos = [], b"", HEADER
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:  # a block's tail too short for a header is padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def history(path: Path) -> list[dict]:
+    """Each `wandb.log` call as {key: decoded value}."""
+    rows = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def config(path: Path) -> dict:
+    """The run config as updated over the run, {key: decoded value}."""
+    values = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        if record.WhichOneof("record_type") == "run":
+            for item in record.run.config.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values
