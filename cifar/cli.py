@@ -80,14 +80,21 @@ class CifarCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.set_defaults({"trainer.default_root_dir": "runs"})
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        root = Path(config.trainer.default_root_dir)
-        if config.get("ckpt_path"):
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then turn `--ckpt_path best|last` into a checked file path, before LightningCLI reads the
+        checkpoint's model hyperparameters (so `test` rebuilds the net that was trained)."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("ckpt_path"):
+            root = Path(config.trainer.default_root_dir)
             resolved = resolve_checkpoint(config.ckpt_path, root)
             if config.ckpt_path in ("best", "last"):
                 rank_zero_info(f"--ckpt_path {config.ckpt_path}: {resolved} (the latest run under {root})")
             config.ckpt_path = str(resolved)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        root = Path(config.trainer.default_root_dir)
         saved = config.clone()
         run_dir = new_run_dir(root, self.subcommand)
         config.trainer.default_root_dir = str(run_dir)

@@ -117,8 +117,15 @@ class CIFAR10DataModule(LightningDataModule):
         if stage == "predict":
             self.predict_dataset = self._read_predict_dir()
             return
-        if not hasattr(self, "train_dataset"):
+        if stage == "test" and self.test_size is None:  # the data's own test split: no need to read train
+            self.test_dataset = TensorBatches(*self._read_split(train=False))
+            rank_zero_info(f"Data: {self.describe()}: {len(self.test_dataset)} test images")
+        elif not hasattr(self, "train_dataset"):
             self._split()
+
+    def describe(self) -> str:
+        kind = "official CIFAR-10 release" if self.format == "official" else "image folders"
+        return f"{kind} in {self.data_dir}, {self.num_classes} classes"
 
     def _read_split(self, train: bool) -> tuple[Tensor, Tensor]:
         if self.format == "official":
@@ -140,16 +147,9 @@ class CIFAR10DataModule(LightningDataModule):
         test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
         self.train_dataset = TensorBatches(images[train], labels[train])
         self.val_dataset = TensorBatches(images[val], labels[val])
-        if self.test_size is None:
-            self.test_dataset = TensorBatches(*self._read_split(train=False))
-        else:
-            self.test_dataset = TensorBatches(images[test], labels[test])
-        rank_zero_info(
-            f"Data: {'official CIFAR-10 release' if self.format == 'official' else 'image folders'} in "
-            f"{self.data_dir}, {len(self.classes)} classes: {len(self.train_dataset)} train, "
-            f"{len(self.val_dataset)} val, {len(self.test_dataset)} test"
-            + (" (held out of train)" if self.test_size is not None else "")
-        )
+        self.test_dataset = TensorBatches(images[test], labels[test])  # used only when test_size is set
+        held_out = f", {n_test} test (held out)" if self.test_size is not None else ""
+        rank_zero_info(f"Data: {self.describe()}: {len(train)} train, {n_val} val{held_out} (split seed {self.seed})")
 
     def _read_predict_dir(self) -> TensorBatches:
         if self.predict_dir is None:

@@ -45,18 +45,19 @@ def missing_data_message(data_dir: Path) -> str:
 
 
 def download_official(data_dir: Path) -> None:
-    """Download and extract the official release with torchvision (archive MD5 checked by torchvision)."""
+    """Download and extract the official release with torchvision, which checks the archive's MD5."""
     archive = data_dir / CIFAR10.filename
-    if archive.exists() and not check_integrity(str(archive), CIFAR10.tgz_md5):
-        print(f"{archive} fails its MD5 checksum (corrupt or incomplete download): downloading it again")
+    corrupt = archive.exists() and not check_integrity(str(archive), CIFAR10.tgz_md5)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen has none: never hang
     try:
         CIFAR10(str(data_dir), train=True, download=True)
     except (URLError, OSError) as error:
-        raise UserError(f"downloading CIFAR-10 failed ({error}); {missing_data_message(data_dir)}") from error
+        why = f"{archive} fails its MD5 checksum and downloading a fresh copy failed" if corrupt else "downloading CIFAR-10 failed"
+        raise UserError(f"{why} ({error}); {missing_data_message(data_dir)}") from error
     except RuntimeError as error:  # torchvision: the downloaded archive failed its checksum
-        raise UserError(f"the CIFAR-10 archive {archive} is corrupt ({error}); delete it and try again") from error
+        raise UserError(f"the downloaded CIFAR-10 archive {archive} fails its MD5 checksum ({error}); "
+                        f"delete it and try again") from error  # fmt: skip
     finally:
         socket.setdefaulttimeout(previous_timeout)
 

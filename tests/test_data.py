@@ -1,0 +1,143 @@
+"""CIFAR10DataModule on generated data: both formats, the seeded split, and the real download code."""
+
+import hashlib
+import http.server
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, OFFICIAL_CLASSES, ROOT, make_official_data
+from PIL import Image
+from torchvision.datasets import CIFAR10
+
+from cifar.data import CIFAR10DataModule
+from cifar.errors import UserError
+
+
+def test_official_format_matches_the_pickled_batches(official_data):
+    data_dir, _ = official_data
+    dm = CIFAR10DataModule(str(data_dir), val_size=0)
+    assert dm.classes == OFFICIAL_CLASSES and dm.num_classes == 4
+    dm.setup("fit")
+    with open(data_dir / CIFAR10.base_folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    first = torch.from_numpy(batch["data"][0].reshape(3, 32, 32))
+    images, labels = dm.train_dataset.images, dm.train_dataset.targets
+    assert images.dtype == torch.uint8 and images.shape == (60, 3, 32, 32)
+    matches = [(torch.equal(img, first) and lab == batch["labels"][0]) for img, lab in zip(images, labels)]
+    assert any(matches)  # CHW layout and label kept through the split
+    dm.setup("test")
+    assert len(dm.test_dataset) == 12
+
+
+def test_image_folder_reads_png_and_jpeg_and_resizes_other_sizes(folder_data):
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(folder_data / "train" / "cat" / "big.png")
+    dm = CIFAR10DataModule(str(folder_data), val_size=0)
+    assert dm.classes == CLASSES
+    dm.setup("fit")
+    assert dm.train_dataset.images.shape == (3 * 16 + 1, 3, 32, 32)
+    red = dm.train_dataset.images[(dm.train_dataset.images[:, 0] == 255).flatten(1).all(1)]
+    assert len(red) == 1 and (red[0, 1:] == 0).all()  # the 64x48 red image, now 32x32
+
+
+def test_batches_are_whole_uint8_tensors(folder_data):
+    dm = CIFAR10DataModule(str(folder_data), batch_size=8, val_size=12)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+
+
+def test_split_sizes_counts_fractions_and_held_out_test(folder_data):
+    dm = CIFAR10DataModule(str(folder_data), val_size=0.25, test_size=6)
+    dm.setup("fit")
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (32, 10, 6)  # 0.25 of the 42 left after the test
+    rows = lambda ds: {tuple(x.flatten()[:64].tolist()) for x in ds.images}  # noqa: E731
+    assert not rows(dm.train_dataset) & rows(dm.val_dataset) and not rows(dm.val_dataset) & rows(dm.test_dataset)
+
+
+SPLIT_DIGEST = """
+import hashlib, sys
+from cifar.data import CIFAR10DataModule
+dm = CIFAR10DataModule(sys.argv[1], val_size=10, test_size=5, seed=int(sys.argv[2]))
+dm.setup("fit")
+digest = hashlib.sha256()
+for ds in (dm.val_dataset, dm.test_dataset):
+    digest.update(ds.images.numpy().tobytes()); digest.update(ds.targets.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_split_is_the_same_in_every_process_for_the_same_seed(folder_data):
+    def digest(seed: int, hash_seed: str) -> str:
+        env = {"PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed, "PATH": ""}
+        out = subprocess.run([sys.executable, "-c", SPLIT_DIGEST, str(folder_data), str(seed)], env=env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip().splitlines()[-1]
+
+    assert digest(7, "1") == digest(7, "2")
+    assert digest(7, "1") != digest(8, "1")
+
+
+@pytest.fixture
+def cifar_server(tmp_path: Path, monkeypatch):
+    """A local HTTP server standing in for the CIFAR-10 host; yields the folder it serves."""
+    served = tmp_path / "served"
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_address[1]}/{CIFAR10.filename}")
+    yield served
+    server.shutdown()
+
+
+def serve_archive(served: Path, tmp_path: Path, monkeypatch) -> None:
+    """Pack a generated official release the way the real archive is packed, and patch its checksums."""
+    source = tmp_path / "source"
+    table = make_official_data(source)
+    with tarfile.open(served / CIFAR10.filename, "w:gz") as tar:
+        tar.add(source / CIFAR10.base_folder, arcname=CIFAR10.base_folder)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5((served / CIFAR10.filename).read_bytes()).hexdigest())
+    monkeypatch.setattr(CIFAR10, "train_list", table["train_list"])
+    monkeypatch.setattr(CIFAR10, "test_list", table["test_list"])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": table["meta_md5"]})
+
+
+def test_download_fetches_checks_and_extracts_the_release(cifar_server, tmp_path, monkeypatch):
+    serve_archive(cifar_server, tmp_path, monkeypatch)
+    dm = CIFAR10DataModule(str(tmp_path / "data"), val_size=10, download=True)
+    assert dm.num_classes == 10  # before download: the official class list
+    dm.prepare_data()
+    assert dm.format == "official"
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 50 and len(dm.val_dataset) == 10
+
+
+def test_download_of_a_corrupt_archive_fails_clearly(cifar_server, tmp_path, monkeypatch):
+    serve_archive(cifar_server, tmp_path, monkeypatch)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)  # what arrives is not what was published
+    dm = CIFAR10DataModule(str(tmp_path / "data"), download=True)
+    with pytest.raises(UserError, match="downloaded CIFAR-10 archive .* fails its MD5 checksum"):
+        dm.prepare_data()
+    assert dm.format is None  # nothing extracted that could later pass as data
+
+
+def test_predict_dir_skips_non_images_and_keeps_file_order(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(mine / "b.jpg")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(mine / "sub" / "a.png")
+    (mine / "notes.md").write_text("x")
+    dm = CIFAR10DataModule(str(tmp_path / "unused"), download=True, predict_dir=str(mine))
+    dm.setup("predict")
+    assert [p.relative_to(mine).as_posix() for p in dm.predict_files] == ["b.jpg", "sub/a.png"]
+    assert dm.predict_dataset.images.shape == (2, 3, 32, 32)
