@@ -9,6 +9,7 @@ is that directory; the W&B run id is its name.
 
 import importlib
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from cifar.checkpoints import resolve_checkpoint
 from cifar.data import CIFAR10DataModule
@@ -112,17 +114,20 @@ class CifarCLI(LightningCLI):
         self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
         self.run_dir = run_dir
 
-    def instantiate_classes(self) -> None:
+    def __init__(self, *args, **kwargs):
         try:
-            super().instantiate_classes()
+            super().__init__(*args, **kwargs)
         except BaseException:
-            if not any(self.run_dir.iterdir()):  # a run that never started leaves no empty folder behind
-                self.run_dir.rmdir()
+            run_dir = getattr(self, "run_dir", None)
+            if run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
             raise
 
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
+    # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         CifarCLI(
             LitModel,
@@ -132,11 +137,10 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             parser_kwargs={"exit_on_error": False},  # errors come to us: one line, not the whole usage
         )
-    except ArgumentError as error:
-        command = " ".join(a for a in (args if args is not None else sys.argv[1:])[:1] if not a.startswith("-"))
+    except ArgumentError as error:  # unknown key, wrong type, unreadable --config file
         message = " ".join(str(error).split())  # jsonargparse spreads some messages over lines
-        print(f"error: {message} (see: main.py {command} --help)", file=sys.stderr)
+        print(f"error: {message} (the options and their types: main.py SUBCOMMAND --help)", file=sys.stderr)
         sys.exit(2)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (UserError, MisconfigurationException) as error:  # ours, and Lightning's for bad trainer values
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)

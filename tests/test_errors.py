@@ -73,6 +73,7 @@ def test_non_image_file_in_a_class_folder_is_named(folder_data, capsys):
     stray = folder_data / "train" / "cat" / "notes.txt"
     stray.write_text("hello")
     assert f"{stray} is not a PNG or JPEG image" in cli_error(fit(folder_data), capsys)
+    assert not list(Path("runs/cifar").iterdir())  # failed in setup, before writing anything: no run folder
 
 
 def test_undecodable_image_is_named(folder_data, capsys):
@@ -91,6 +92,11 @@ def test_unknown_config_key_on_the_command_line_and_in_a_file(folder_data, tmp_p
 def test_wrong_type(folder_data, capsys):
     message = cli_error(fit(folder_data, "--data.batch_size", "many"), capsys)
     assert "data.batch_size" in message and "many" in message
+
+
+def test_bad_trainer_value(folder_data, capsys):
+    message = cli_error(fit(folder_data, "--trainer.accelerator", "mps"), capsys)  # Apple GPUs only
+    assert "MPSAccelerator" in message and "not available" in message
 
 
 def test_out_of_range_split_size(folder_data, capsys):
