@@ -1,8 +1,8 @@
 """The LightningModule: the classification *system* around a plain network.
 
 It owns what every backbone shares: uint8 -> normalized float on the model's device, cross-entropy,
-one torchmetrics Accuracy per stage (the tutorial shared one object across stages, mixing their
-counts), and the optimizer. The network itself arrives ready-made from the config (`model.net`).
+torchmetrics per stage (the tutorial shared one Accuracy object across stages, mixing their counts),
+and the optimizer. The network itself arrives ready-made from the config (`model.net`).
 """
 
 import torch
@@ -11,6 +11,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar.nets import TutorialCNN
@@ -25,6 +26,8 @@ class LitModel(LightningModule):
         optimizer: Optimizer, called with the parameters (default: the tutorial's Adam, lr 2e-4).
         mean: Per-channel mean subtracted from pixels scaled to [0, 1] (tutorial: 0.5).
         std: Per-channel standard deviation the pixels are divided by (tutorial: 0.5).
+        channels_last: Run the network in channels_last memory format (faster convolutions on most CPUs and GPUs).
+        compile: Compile the network with `torch.compile` (slower start, faster steps where it helps).
     """
 
     def __init__(
@@ -34,6 +37,8 @@ class LitModel(LightningModule):
         optimizer: OptimizerCallable = lambda params: torch.optim.Adam(params, lr=2e-4),
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         # Under LightningCLI, `net` and `optimizer` are stored as their class_path/init_args dicts,
@@ -41,39 +46,58 @@ class LitModel(LightningModule):
         self.save_hyperparameters()
         self.net = net
         self.optimizer = optimizer
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        if compile:
+            self.net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain net
         # Folded into one multiply-add on 0..255 pixels; not saved: they come from the config.
         self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
                              persistent=False)  # fmt: skip
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # One loss mean and one accuracy per stage, updated on the device every step (no host sync) and
+        # logged once per epoch: `self.log` costs about 1 ms a call on the CPU, a Metric update ~0.05 ms.
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_loss", MeanMetric())
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))  # fraction correct
 
     def forward(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, H, W) -> logits (N, num_classes)."""
-        return self.net(images.float() * self.scale - self.shift)
+        x = images.float() * self.scale - self.shift
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.train_acc.update(logits, labels)  # computed once per epoch, not per step
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)  # train_loss_step, _epoch
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        loss = self._step(batch, "train")
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:  # the steps Lightning sends to the loggers
+            self.log("train_loss_step", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self._step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self._step(batch, "test")
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
         logits = self(images)
-        self.log(f"{stage}_loss", F.cross_entropy(logits, labels), prog_bar=True)
-        accuracy.update(logits, labels)
-        self.log(f"{stage}_acc", accuracy, prog_bar=True)
+        loss = F.cross_entropy(logits, labels)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(labels))
+        getattr(self, f"{stage}_acc").update(logits.detach(), labels)
+        return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        self.log(f"{stage}_loss", getattr(self, f"{stage}_loss"), prog_bar=stage != "train")
+        self.log(f"{stage}_acc", getattr(self, f"{stage}_acc"), prog_bar=stage != "train")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities (N, num_classes) for a batch of (images, indices into the predict set)."""

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import CLASSES
 from lightning.pytorch import Trainer
@@ -70,3 +71,23 @@ def test_model_takes_uint8_and_normalizes_like_the_tutorial():
     assert model(images).shape == (2, len(CLASSES))
     expected = (torch.tensor([0, 128, 255]) / 255 - 0.5) / 0.5  # ToTensor then Normalize(0.5, 0.5)
     assert torch.allclose(seen["x"][0, :, 0, 0], expected, atol=1e-6)
+
+
+def test_logged_metrics_are_exact_per_stage(folder_data, tmp_path):
+    """val/test accuracy and loss are over the whole split (weighted by batch size), each stage its own."""
+    dm = CIFAR10DataModule(str(folder_data), batch_size=5, val_size=12)  # batches of 5, 5, 2: weights matter
+    model = LitModel(TutorialCNN(num_classes=3), num_classes=3)
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(model, dm)
+    val = trainer.validate(model, dm, verbose=False)[0]
+    test = trainer.test(model, dm, verbose=False)[0]
+    model.eval()
+    for split, logged in ((dm.val_dataset, val), (dm.test_dataset, test)):
+        stage = "val" if split is dm.val_dataset else "test"
+        with torch.no_grad():
+            logits = model(split.images)
+        accuracy = (logits.argmax(1) == split.targets).float().mean().item()
+        loss = torch.nn.functional.cross_entropy(logits, split.targets).item()
+        assert logged[f"{stage}_acc"] == pytest.approx(accuracy, abs=1e-6)
+        assert logged[f"{stage}_loss"] == pytest.approx(loss, rel=1e-5)

@@ -90,7 +90,7 @@ def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data
     assert labels[0] == labels[1]  # the same images every epoch
 
     logged = set().union(*history)
-    assert {"train_loss_epoch", "train_acc", "val_loss", "val_acc"} <= logged
+    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= logged
     config = wandb_records.config(run_file)
     assert config["config"]["data"]["data_dir"] == str(folder_data)  # the whole resolved CLI config
     assert config["config"]["trainer"]["callbacks"][2]["class_path"] == "cifar.callbacks.ImagePredictionLogger"
