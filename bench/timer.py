@@ -15,7 +15,7 @@ from lightning.pytorch import Callback
 
 
 class BatchTimer(Callback):
-    """Writes {"batch_size", "starts": [seconds], "peak_rss_mb"} to `output` when training ends.
+    """Writes {"batch_size", "starts": [seconds], "peak_rss_mb", "threads"} to `output` when training ends.
 
     Args:
         output: JSON file to write.
@@ -35,4 +35,4 @@ class BatchTimer(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         Path(self.output).write_text(json.dumps({"batch_size": self.batch_size, "starts": self.starts,
-                                                 "peak_rss_mb": peak_mb}))  # fmt: skip
+                                                 "peak_rss_mb": peak_mb, "threads": torch.get_num_threads()}))  # fmt: skip

@@ -107,13 +107,18 @@ def hermetic_wandb(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
 
 
+def cli_command(args: list[str], checksums: dict | None = None) -> list[str]:
+    return [sys.executable, "-c", PATCHED_MAIN, json.dumps(checksums or {}), *args]
+
+
+def cli_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
 def run_cli(args: list[str], cwd: Path, checksums: dict | None = None, env: dict | None = None, check=True):
     """Run `python main.py ARGS` (the real CLI) in a new process; returns the CompletedProcess."""
-    command = [sys.executable, "-c", PATCHED_MAIN, json.dumps(checksums or {}), *args]
-    result = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )  # fmt: skip
+    result = subprocess.run(cli_command(args, checksums), cwd=cwd, capture_output=True, text=True, timeout=600,
+                            env=cli_env(env))  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
