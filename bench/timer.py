@@ -15,7 +15,8 @@ from lightning.pytorch import Callback
 
 
 class BatchTimer(Callback):
-    """Writes {"batch_size", "starts": [seconds], "peak_rss_mb", "threads"} to `output` when training ends.
+    """Writes {"batch_size", "starts": [seconds], "peak_rss_mb", "epoch_rss_mb": [MB after each training
+    epoch], "threads"} to `output` when training ends.
 
     Args:
         output: JSON file to write.
@@ -24,6 +25,7 @@ class BatchTimer(Callback):
     def __init__(self, output: str = "batch_times.json"):
         self.output = output
         self.starts: list[float] = []
+        self.epoch_rss_mb: list[float] = []
         self.batch_size = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -32,7 +34,12 @@ class BatchTimer(Callback):
         self.starts.append(time.perf_counter())
         self.batch_size = len(batch[0])
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        self.epoch_rss_mb.append(resident_pages * resource.getpagesize() / 2**20)
+
     def on_train_end(self, trainer, pl_module) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         Path(self.output).write_text(json.dumps({"batch_size": self.batch_size, "starts": self.starts,
-                                                 "peak_rss_mb": peak_mb, "threads": torch.get_num_threads()}))  # fmt: skip
+                                                 "peak_rss_mb": peak_mb, "epoch_rss_mb": self.epoch_rss_mb,
+                                                 "threads": torch.get_num_threads()}))  # fmt: skip

@@ -6,11 +6,38 @@ most recent run is the one whose checkpoint directory holds the most recently wr
 that newest checkpoint (Lightning saves the callback's state in every checkpoint it writes).
 """
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifar.errors import UserError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves each checkpoint whole or not at all: to a temporary file beside the target, fsynced, then
+    renamed over it, and the directory fsynced. A crash or kill mid-save leaves the previous file intact."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)  # atomic within one filesystem, which the same directory guarantees
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
 
 
 def latest_run_checkpoints(root: Path) -> list[Path]:

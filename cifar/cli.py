@@ -8,11 +8,13 @@ is that directory; the W&B run id is its name.
 """
 
 import importlib
+import os
 import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
 
+import wandb.errors
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Trainer
@@ -20,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar.checkpoints import resolve_checkpoint
 from cifar.data import CIFAR10DataModule
@@ -43,7 +45,10 @@ class RunConfigSaver(SaveConfigCallback):
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, self.run_dir / "config.yaml", skip_none=False, multifile=self.multifile)
+        path = self.run_dir / "config.yaml"
+        if path.exists():  # a resumed run: keep the first config, add this one beside it
+            path = self.run_dir / f"config-resumed-{datetime.now():%Y%m%d-%H%M%S}.yaml"
+        self.parser.save(self.config, path, skip_none=False, multifile=self.multifile)
         as_dict = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": as_dict})
@@ -73,6 +78,20 @@ def new_run_dir(root: Path, subcommand: str) -> Path:
     raise UserError(f"could not create a new run directory under {root}")
 
 
+def resumed_run_dir(ckpt_path: str | None, root: Path) -> Path | None:
+    """The run a `fit --ckpt_path` continues: the run directory holding the checkpoint, if it is one under `root`.
+
+    Continuing in the same directory keeps ModelCheckpoint's full state (best score, top-k) and the W&B id.
+    """
+    if not ckpt_path:
+        return None
+    checkpoint = Path(ckpt_path).resolve()
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and run_dir.parent == root.resolve():
+        return run_dir
+    return None
+
+
 class CifarCLI(LightningCLI):
     """`LightningCLI(LitModel, CIFAR10DataModule)` with per-run directories and `--ckpt_path best|last` from disk."""
 
@@ -98,7 +117,8 @@ class CifarCLI(LightningCLI):
         config = self.config[self.subcommand]
         root = Path(config.trainer.default_root_dir)
         saved = config.clone()
-        run_dir = new_run_dir(root, self.subcommand)
+        run_dir = resumed_run_dir(config.ckpt_path, root) if self.subcommand == "fit" else None
+        run_dir = run_dir or new_run_dir(root, self.subcommand)
         config.trainer.default_root_dir = str(run_dir)
         for logger in configured(config.trainer.logger):
             if issubclass(class_of(logger.class_path), Logger) and "save_dir" in logger.init_args:
@@ -117,15 +137,31 @@ class CifarCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         try:
             super().__init__(*args, **kwargs)
+        except SIGTERMException:  # Lightning stops after the current batch; its exit code 0 would say "done"
+            self.report_stop("SIGTERM")
+            raise SystemExit(143)  # 128 + 15, what a scheduler expects from a process ended by SIGTERM
+        except SystemExit as stop:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.interrupted and stop.code == 1:  # Lightning's exit after Ctrl-C
+                self.report_stop("Ctrl-C")
+                raise SystemExit(130)  # 128 + SIGINT
+            raise
         except BaseException:
             run_dir = getattr(self, "run_dir", None)
             if run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
             raise
 
+    def report_stop(self, why: str) -> None:
+        saved = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path]
+        where = f"checkpoint saved to {saved[0]}; resume with --ckpt_path last" if saved else "no checkpoint saved"
+        print(f"stopped by {why} before the run finished: {where}", file=sys.stderr)
+
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
+    # W&B online with no reachable server would wait 90 s before failing; 30 s is plenty to connect.
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
@@ -143,4 +179,10 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
     except (UserError, MisconfigurationException) as error:  # ours, and Lightning's for bad trainer values
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    except wandb.errors.Error as error:  # e.g. online with no reachable server, or no API key
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: W&B could not start the run ({reason}). Log offline with "
+              f"--trainer.logger.init_args.offline true and upload later with `wandb sync`, or wait longer "
+              f"with WANDB_INIT_TIMEOUT=<seconds> (now {os.environ['WANDB_INIT_TIMEOUT']})", file=sys.stderr)  # fmt: skip
         sys.exit(2)

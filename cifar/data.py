@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cifar import datasets
 from cifar.errors import UserError
@@ -34,6 +34,28 @@ class TensorBatches(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         index = torch.tensor(indices)
         return self.images[index], self.targets[index]
+
+
+class EpochShuffle(Sampler[int]):
+    """A new random order every epoch that depends only on the run's seed and the epoch number.
+
+    Lightning calls `set_epoch` at the start of each epoch, so a run resumed from a checkpoint sees
+    exactly the order the uninterrupted run would have seen (a stock RandomSampler draws from the
+    global RNG, whose state a checkpoint does not hold).
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -63,6 +85,8 @@ class CIFAR10DataModule(LightningDataModule):
         seed: Seed of the train/val/test split: the same seed gives the same split in every process.
         download: Download the official release into `data_dir` when no data is there.
         predict_dir: Folder of your own PNG/JPEG images (any size, resized to 32x32) for `predict`.
+        skip_bad_images: Skip (and count) files in image folders that are not readable images, instead of
+            stopping with an error that names the first one.
     """
 
     def __init__(
@@ -75,6 +99,7 @@ class CIFAR10DataModule(LightningDataModule):
         seed: int = 0,
         download: bool = True,
         predict_dir: str | None = None,
+        skip_bad_images: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -85,6 +110,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.seed = seed
         self.download = download
         self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.skip_bad_images = skip_bad_images
         self.predict_files: list[Path] = []
 
     @property
@@ -135,7 +161,7 @@ class CIFAR10DataModule(LightningDataModule):
         if not split_dir.is_dir():
             raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ "
                             f"folders there, or hold out part of the training images with --data.test_size 5000")
-        return datasets.read_folder(split_dir, self.classes)
+        return datasets.read_folder(split_dir, self.classes, self.skip_bad_images)
 
     def _split(self) -> None:
         images, labels = self._read_split(train=True)
@@ -159,15 +185,19 @@ class CIFAR10DataModule(LightningDataModule):
         self.predict_files = datasets.image_files(self.predict_dir, strict=False)
         if not self.predict_files:
             raise UserError(f"no PNG or JPEG images in {self.predict_dir}")
-        images = datasets.read_images(self.predict_files)
+        images, skipped = datasets.read_images(self.predict_files, skip_bad=self.skip_bad_images)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image(s) in {self.predict_dir}, e.g. {skipped[0]}")
+            self.predict_files = [p for p in self.predict_files if p not in set(skipped)]
         return TensorBatches(images, torch.arange(len(images)))
 
-    def _loader(self, dataset: TensorBatches, shuffle: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+    def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=keep_batch, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        # Seeded by the run's seed (seed_everything), not the split seed: new runs, new orders.
+        return self._loader(self.train_dataset, EpochShuffle(len(self.train_dataset), torch.initial_seed()))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset)

@@ -100,47 +100,63 @@ def folder_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def read_folder(split_dir: Path, classes: list[str]) -> tuple[Tensor, Tensor]:
-    """(images, labels) of an image-folder split whose class folders must match `classes`."""
+def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> tuple[Tensor, Tensor]:
+    """(images, labels) of an image-folder split whose class folders must match `classes`.
+
+    A file that is not a readable PNG/JPEG image is an error naming it, or, with `skip_bad`, skipped and counted.
+    """
     found = folder_classes(split_dir)
     if found != classes:
         raise UserError(f"class folders of {split_dir} ({', '.join(found)}) differ from the training "
                         f"classes ({', '.join(classes)})")  # fmt: skip
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = image_files(split_dir / name, strict=True)
+        files = image_files(split_dir / name, strict=not skip_bad)
         paths += files
         labels += [label] * len(files)
-    if not paths:
-        raise UserError(f"no images in the class folders of {split_dir}")
-    return read_images(paths), torch.tensor(labels, dtype=torch.long)
+    images, skipped = read_images(paths, skip_bad)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) in {split_dir}, e.g. {skipped[0]}")
+        bad = set(skipped)
+        labels = [label for path, label in zip(paths, labels) if path not in bad]
+    if not labels:
+        raise UserError(f"no readable images in the class folders of {split_dir}")
+    return images, torch.tensor(labels, dtype=torch.long)
 
 
 def image_files(folder: Path, strict: bool) -> list[Path]:
     """Sorted image files of a folder (recursively); hidden files are ignored.
 
-    Other files are an error when `strict` (a class folder) and skipped with a note otherwise.
+    Other files are an error when `strict` and skipped with a note otherwise.
     """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others and strict:
         raise UserError(f"{others[0]} is not a PNG or JPEG image ({len(others)} such file(s) in {folder}); "
-                        f"move non-image files out of the data folders")  # fmt: skip
+                        f"move non-image files out of the data folders, or pass --data.skip_bad_images true")  # fmt: skip
     if others:
         print(f"skipping {len(others)} non-image file(s) in {folder}, e.g. {others[0].name}")
     return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def read_images(paths: list[Path]) -> Tensor:
-    """Decode image files to one uint8 tensor (N, 3, IMAGE_SIZE, IMAGE_SIZE), resizing where needed."""
+def read_images(paths: list[Path], skip_bad: bool = False) -> tuple[Tensor, list[Path]]:
+    """Decode image files to one uint8 tensor (N, 3, IMAGE_SIZE, IMAGE_SIZE), resizing where needed.
+
+    Returns the images and the files skipped as undecodable (only with `skip_bad`; otherwise they are an error).
+    """
     images = torch.empty(len(paths), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    for i, path in enumerate(paths):
+    skipped, n = [], 0
+    for path in paths:
         try:
             image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         except RuntimeError as error:
+            if skip_bad:
+                skipped.append(path)
+                continue
             raise UserError(f"cannot decode {path} as an image ({str(error).splitlines()[0]}); "
-                            f"replace or remove it") from error  # fmt: skip
+                            f"replace or remove it, or pass --data.skip_bad_images true") from error  # fmt: skip
         if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             image = resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
-        images[i] = image
-    return images
+        images[n] = image
+        n += 1
+    return images[:n], skipped

@@ -104,5 +104,17 @@ class LitModel(LightningModule):
         images, _ = batch
         return self(images).softmax(dim=-1)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning saves no RNG state: keep it, so a resumed run draws what the uninterrupted one would.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"]["torch"])
+            if "cuda" in checkpoint["rng_state"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng_state"]["cuda"])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.parameters())

@@ -141,3 +141,14 @@ def test_predict_dir_skips_non_images_and_keeps_file_order(tmp_path):
     dm.setup("predict")
     assert [p.relative_to(mine).as_posix() for p in dm.predict_files] == ["b.jpg", "sub/a.png"]
     assert dm.predict_dataset.images.shape == (2, 3, 32, 32)
+
+
+def test_skip_bad_images_skips_and_counts(folder_data, capsys):
+    (folder_data / "train" / "cat" / "notes.txt").write_text("x")
+    (folder_data / "train" / "dog" / "0001.png").write_bytes(b"not a png")
+    dm = CIFAR10DataModule(str(folder_data), val_size=0, skip_bad_images=True)
+    dm.setup("fit")
+    out = capsys.readouterr().out
+    assert "skipping 1 non-image file(s)" in out and "skipped 1 unreadable image(s)" in out
+    assert len(dm.train_dataset) == 3 * 16 - 1
+    assert dm.train_dataset.targets.tolist().count(2) == 15  # the dog that could not be read is gone

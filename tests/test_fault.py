@@ -43,3 +43,73 @@ def test_stop_signal_saves_checkpoint_exits_nonzero_and_resumes(sig, code, tmp_p
     assert f"--ckpt_path last: runs/cifar/{run.name}/checkpoints/last.ckpt" in resumed.stderr
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
     assert final["epoch"] == saved["epoch"] + 1 and final["global_step"] > saved["global_step"]
+
+
+def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path, monkeypatch):
+    from cifar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
+              "8", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "3",
+              "--trainer.deterministic", "true"]  # fmt: skip
+    main(["fit", *common, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "straight"])
+    main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "resumed"])
+    main(["fit", *common, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
+
+    (straight,), (resumed,) = Path("straight").glob("*-fit"), Path("resumed").glob("*-fit")  # one run each
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 10)
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    best = lambda c: c["callbacks"][next(k for k in c["callbacks"] if k.startswith("ModelCheckpoint"))]  # noqa: E731
+    assert best(a)["best_model_score"] == best(b)["best_model_score"]
+    assert Path(best(b)["best_model_path"]).name == Path(best(a)["best_model_path"]).name
+    assert len(list(resumed.glob("config*.yaml"))) == 2  # the first config kept, the resume's beside it
+
+
+def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from cifar.checkpoints import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # the process is stopped in the middle of writing
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_a_corrupt_newest_checkpoint_is_named_not_used(folder_data, tmp_path, capsys, monkeypatch):
+    from test_errors import cli_error
+
+    from cifar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
+    main(["fit", *common, "--trainer.max_epochs", "1"])
+    last = next(Path("runs/cifar").glob("*-fit/checkpoints/last.ckpt"))
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    for ckpt in ("last", "best"):
+        message = cli_error(["test", *common, "--ckpt_path", ckpt], capsys)
+        assert f"{last} is not a readable Lightning checkpoint" in message
+
+
+def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_path):
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "local-" + "0" * 40, "WANDB_INIT_TIMEOUT": "5"}
+    started = time.time()
+    result = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+                      "--trainer.logger.init_args.offline", "false", "--trainer.max_epochs", "1"],
+                     tmp_path, env=env, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "W&B could not start the run" in errors[0] and "offline true" in errors[0]
+    assert "0" * 40 not in result.stdout + result.stderr
+    assert time.time() - started < 60
