@@ -4,6 +4,7 @@ Batches are (uint8 images (N, 3, 32, 32), int64 labels (N,)), gathered with one 
 batch (`__getitems__`), never one PIL image per sample; the model normalizes them on its device.
 """
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -41,21 +42,43 @@ class EpochShuffle(Sampler[int]):
 
     Lightning calls `set_epoch` at the start of each epoch, so a run resumed from a checkpoint sees
     exactly the order the uninterrupted run would have seen (a stock RandomSampler draws from the
-    global RNG, whose state a checkpoint does not hold).
+    global RNG, whose state a checkpoint does not hold). `skip` resumes one epoch part-way through.
     """
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.skip: tuple[int, int] | None = None  # (epoch, samples already trained on in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        start = self.skip[1] if self.skip and self.skip[0] == self.epoch else 0
+        self.skip = None
+        return iter(order[start:])
 
     def __len__(self) -> int:
         return self.size
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place in the epoch goes into checkpoints, so a run stopped mid-epoch (SIGTERM,
+    Ctrl-C) resumes with the next batch, not with a fresh pass. Lightning saves and restores the state of
+    any loader that has `state_dict`/`load_state_dict`.
+
+    The place is Lightning's own count of completed batches (`trained_batches`, set by the data module):
+    the loader's count of batches handed out runs ahead of it, since Lightning fetches one batch early.
+    """
+
+    trained_batches: Callable[[], int] = staticmethod(lambda: 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "samples": self.trained_batches() * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.skip = (state["epoch"], state["samples"])
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -191,13 +214,16 @@ class CIFAR10DataModule(LightningDataModule):
             self.predict_files = [p for p in self.predict_files if p not in set(skipped)]
         return TensorBatches(images, torch.arange(len(images)))
 
-    def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=keep_batch, persistent_workers=self.num_workers > 0)  # fmt: skip
+    def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:
+        return loader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                      collate_fn=keep_batch, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         # Seeded by the run's seed (seed_everything), not the split seed: new runs, new orders.
-        return self._loader(self.train_dataset, EpochShuffle(len(self.train_dataset), torch.initial_seed()))
+        sampler = EpochShuffle(len(self.train_dataset), torch.initial_seed())
+        loader = self._loader(self.train_dataset, sampler, loader=ResumableLoader)
+        loader.trained_batches = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset)

@@ -20,11 +20,14 @@ def wait_for(path_glob, root: Path, timeout: float = 120) -> Path:
     raise AssertionError(f"nothing matched {path_glob} under {root} within {timeout} s")
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_stop_signal_saves_checkpoint_exits_nonzero_and_resumes(sig, code, tmp_path):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
+def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, tmp_path):
+    """Stop a real fit mid-training; `--ckpt_path last` continues it in the same run, with no batch lost or
+    repeated: the final weights equal those of a run that was never stopped (same seed)."""
     data = make_folder_data(tmp_path / "data", per_class=60, test_per_class=1)
     common = ["--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size", "2",
-              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
+              "--trainer.deterministic", "true"]  # fmt: skip
     process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000"]), cwd=tmp_path,
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     wait_for("runs/cifar/*-fit/checkpoints/last.ckpt", tmp_path)  # an epoch is done: training is under way
@@ -36,13 +39,21 @@ def test_stop_signal_saves_checkpoint_exits_nonzero_and_resumes(sig, code, tmp_p
     run = next((tmp_path / "runs" / "cifar").glob("*-fit"))
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] > 0
-    assert "resume with --ckpt_path last" in output
+    if sig != signal.SIGKILL:
+        assert "resume with --ckpt_path last" in output
 
-    resumed = run_cli(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", str(saved["epoch"] + 2)],
-                      tmp_path)  # fmt: skip
+    epochs = str(saved["epoch"] + 2)
+    resumed = run_cli(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", epochs], tmp_path)
     assert f"--ckpt_path last: runs/cifar/{run.name}/checkpoints/last.ckpt" in resumed.stderr
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
-    assert final["epoch"] == saved["epoch"] + 1 and final["global_step"] > saved["global_step"]
+    steps_per_epoch = (3 * 60 - 12) // 2
+    assert final["epoch"] == saved["epoch"] + 1
+    assert final["global_step"] == (saved["epoch"] + 2) * steps_per_epoch  # no step lost or counted twice
+
+    run_cli(["fit", *common, "--trainer.max_epochs", epochs, "--trainer.default_root_dir", "straight"], tmp_path)
+    straight = torch.load(next((tmp_path / "straight").glob("*-fit/checkpoints/last.ckpt")), weights_only=True)
+    for name, tensor in straight["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path, monkeypatch):
