@@ -9,6 +9,7 @@ is that directory; the W&B run id is its name.
 
 import importlib
 import os
+import signal
 import sys
 import warnings
 from datetime import datetime
@@ -68,11 +69,11 @@ def configured(value) -> list[Namespace]:
 def new_run_dir(root: Path, subcommand: str) -> Path:
     """Create and return a run directory that no other run has, named by the time and the subcommand."""
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{datetime.now():%Y%m%d-%H%M%S}-{subcommand}"
-    for suffix in ["", *(f"-{i}" for i in range(2, 1000))]:
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    for suffix in ["", *(f".{i}" for i in range(2, 1000))]:  # several runs started within one second
         try:
-            (root / (name + suffix)).mkdir()  # atomic: two processes cannot both create it
-            return root / (name + suffix)
+            (run_dir := root / f"{stamp}{suffix}-{subcommand}").mkdir()  # atomic: only one process creates it
+            return run_dir
         except FileExistsError:
             continue
     raise UserError(f"could not create a new run directory under {root}")
@@ -135,11 +136,13 @@ class CifarCLI(LightningCLI):
         self.run_dir = run_dir
 
     def __init__(self, *args, **kwargs):
+        ctrl_c = signal.getsignal(signal.SIGINT)
         try:
             super().__init__(*args, **kwargs)
         except SIGTERMException:  # Lightning stops after the current batch; its exit code 0 would say "done"
-            self.report_stop("SIGTERM")
-            raise SystemExit(143)  # 128 + 15, what a scheduler expects from a process ended by SIGTERM
+            why = getattr(self, "stop_signal", "SIGTERM")
+            self.report_stop(why)
+            raise SystemExit(130 if why == "Ctrl-C" else 143)  # 128 + SIGINT or SIGTERM, as a shell reports them
         except SystemExit as stop:
             trainer = getattr(self, "trainer", None)
             if trainer is not None and trainer.interrupted and stop.code == 1:  # Lightning's exit after Ctrl-C
@@ -151,6 +154,22 @@ class CifarCLI(LightningCLI):
             if run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
             raise
+        finally:
+            signal.signal(signal.SIGINT, ctrl_c)  # before_fit's handler lives as long as the run
+
+    def before_fit(self) -> None:
+        """Make the first Ctrl-C stop like SIGTERM: after the current batch, with a checkpoint. An interrupt
+        inside a step would leave a checkpoint that redoes part of it; a second Ctrl-C stops at once."""
+
+        def on_ctrl_c(signum, frame) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # Lightning's handler: training only
+                raise KeyboardInterrupt
+            self.stop_signal = "Ctrl-C"
+            print("Ctrl-C: stopping after this batch and saving a checkpoint (Ctrl-C again: stop now)", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
 
     def report_stop(self, why: str) -> None:
         saved = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path]

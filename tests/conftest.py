@@ -105,6 +105,10 @@ def hermetic_wandb(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / ".wandb-cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / ".wandb-data"))
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    # In-process runs leave these behind: the address of this process's wandb-core service, which a
+    # subprocess would try to share, and Lightning's last seed, which a subprocess would adopt.
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
 
 
 def cli_command(args: list[str], checksums: dict | None = None) -> list[str]:

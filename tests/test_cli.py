@@ -112,3 +112,11 @@ def test_runs_never_collide_and_best_last_follow_the_latest_run(folder_data: Pat
     test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path)
     assert f"--ckpt_path best: runs/cifar/{second.name}/checkpoints/epoch=0-" in test.stderr
     assert (tmp_path / "runs" / "cifar").glob("*-test").__next__().joinpath("config.yaml").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    from cifar.cli import new_run_dir
+
+    runs = [new_run_dir(tmp_path, "fit") for _ in range(3)]
+    assert len(set(runs)) == 3 and all(r.is_dir() and r.name.endswith("-fit") for r in runs)
+    assert sorted(runs) == runs  # names sort in the order the runs started

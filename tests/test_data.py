@@ -152,3 +152,16 @@ def test_skip_bad_images_skips_and_counts(folder_data, capsys):
     assert "skipping 1 non-image file(s)" in out and "skipped 1 unreadable image(s)" in out
     assert len(dm.train_dataset) == 3 * 16 - 1
     assert dm.train_dataset.targets.tolist().count(2) == 15  # the dog that could not be read is gone
+
+
+def test_an_interrupted_download_is_not_taken_for_data_and_is_fetched_again(cifar_server, tmp_path, monkeypatch):
+    serve_archive(cifar_server, tmp_path, monkeypatch)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    whole = (cifar_server / CIFAR10.filename).read_bytes()
+    (data_dir / CIFAR10.filename).write_bytes(whole[: len(whole) // 2])  # what a dropped connection leaves
+    dm = CIFAR10DataModule(str(data_dir), val_size=10, download=True)
+    dm.prepare_data()
+    assert (data_dir / CIFAR10.filename).read_bytes() == whole
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 50

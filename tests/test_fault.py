@@ -124,3 +124,16 @@ def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_pat
     assert len(errors) == 1 and "W&B could not start the run" in errors[0] and "offline true" in errors[0]
     assert "0" * 40 not in result.stdout + result.stderr
     assert time.time() - started < 60
+
+
+def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data, tmp_path):
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+              "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+    run_cli(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], tmp_path)
+    (run,) = (tmp_path / "runs" / "cifar").glob("*-fit")
+    parts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(run.name) for p in parts)  # one W&B id: the run's name
+    dry_run = subprocess.run(["wandb", "sync", "--dry-run", str(run / "wandb")], capture_output=True, text=True,
+                             cwd=tmp_path, env=cli_env({"WANDB_MODE": "offline"}), timeout=120)  # fmt: skip
+    assert "Would sync 2 run(s)" in dry_run.stdout + dry_run.stderr
