@@ -96,6 +96,28 @@ def resumed_run_dir(ckpt_path: str | None, root: Path) -> Path | None:
 class CifarCLI(LightningCLI):
     """`LightningCLI(LitModel, CIFAR10DataModule)` with per-run directories and `--ckpt_path best|last` from disk."""
 
+    def __init__(self, *args, **kwargs):
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        try:
+            super().__init__(*args, **kwargs)
+        except SIGTERMException:  # Lightning stops after the current batch; its exit code 0 would say "done"
+            why = getattr(self, "stop_signal", "SIGTERM")
+            self.report_stop(why)
+            raise SystemExit(130 if why == "Ctrl-C" else 143)  # 128 + SIGINT or SIGTERM, as a shell reports them
+        except SystemExit as stop:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.interrupted and stop.code == 1:  # Lightning's exit after Ctrl-C
+                self.report_stop("Ctrl-C")
+                raise SystemExit(130)  # 128 + SIGINT
+            raise
+        except BaseException:
+            run_dir = getattr(self, "run_dir", None)
+            if run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+            raise
+        finally:
+            signal.signal(signal.SIGINT, ctrl_c)  # before_fit's handler lives as long as the run
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the number of classes; model and net follow (no number typed twice).
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -134,28 +156,6 @@ class CifarCLI(LightningCLI):
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
         self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
         self.run_dir = run_dir
-
-    def __init__(self, *args, **kwargs):
-        ctrl_c = signal.getsignal(signal.SIGINT)
-        try:
-            super().__init__(*args, **kwargs)
-        except SIGTERMException:  # Lightning stops after the current batch; its exit code 0 would say "done"
-            why = getattr(self, "stop_signal", "SIGTERM")
-            self.report_stop(why)
-            raise SystemExit(130 if why == "Ctrl-C" else 143)  # 128 + SIGINT or SIGTERM, as a shell reports them
-        except SystemExit as stop:
-            trainer = getattr(self, "trainer", None)
-            if trainer is not None and trainer.interrupted and stop.code == 1:  # Lightning's exit after Ctrl-C
-                self.report_stop("Ctrl-C")
-                raise SystemExit(130)  # 128 + SIGINT
-            raise
-        except BaseException:
-            run_dir = getattr(self, "run_dir", None)
-            if run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
-            raise
-        finally:
-            signal.signal(signal.SIGINT, ctrl_c)  # before_fit's handler lives as long as the run
 
     def before_fit(self) -> None:
         """Make the first Ctrl-C stop like SIGTERM: after the current batch, with a checkpoint. An interrupt
