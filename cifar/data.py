@@ -211,7 +211,8 @@ class CIFAR10DataModule(LightningDataModule):
         images, skipped = datasets.read_images(self.predict_files, skip_bad=self.skip_bad_images)
         if skipped:
             print(f"skipped {len(skipped)} unreadable image(s) in {self.predict_dir}, e.g. {skipped[0]}")
-            self.predict_files = [p for p in self.predict_files if p not in set(skipped)]
+            bad = set(skipped)
+            self.predict_files = [p for p in self.predict_files if p not in bad]
         return TensorBatches(images, torch.arange(len(images)))
 
     def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:

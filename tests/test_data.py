@@ -165,3 +165,17 @@ def test_an_interrupted_download_is_not_taken_for_data_and_is_fetched_again(cifa
     assert (data_dir / CIFAR10.filename).read_bytes() == whole
     dm.setup("fit")
     assert len(dm.train_dataset) == 50
+
+
+def test_predict_dir_with_a_broken_image_fails_or_skips_it_keeping_files_and_images_aligned(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(mine / "a.png")
+    (mine / "b.png").write_bytes(b"broken")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(mine / "c.png")
+    with pytest.raises(UserError, match="cannot decode .*b.png"):
+        CIFAR10DataModule(str(tmp_path), download=True, predict_dir=str(mine)).setup("predict")
+    dm = CIFAR10DataModule(str(tmp_path), download=True, predict_dir=str(mine), skip_bad_images=True)
+    dm.setup("predict")
+    assert [p.name for p in dm.predict_files] == ["a.png", "c.png"]
+    assert dm.predict_dataset.images[0, 0, 0, 0] == 255 and dm.predict_dataset.images[1, 2, 0, 0] == 255
