@@ -1,4 +1,5 @@
-"""Callbacks declared in the YAML config: validation images with their predictions, and a CSV of predictions."""
+"""Callbacks declared in the YAML config: validation images with their predictions, a CSV of predictions,
+and parameters that train for the first epochs only."""
 
 import csv
 from pathlib import Path
@@ -63,7 +64,7 @@ class ImagePredictionLogger(Callback):
     def pick_samples(self, dataset) -> tuple[Tensor, Tensor]:
         n = min(self.num_samples, len(dataset))
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:n].sort().values
-        return dataset.images[index], dataset.targets[index]
+        return dataset.images[index].cpu(), dataset.targets[index].cpu()  # the data may live on the GPU
 
 
 def captioned_grid(images: Tensor, captions: list[str], correct: list[bool], columns: int = 8, zoom: int = 3):
@@ -113,3 +114,25 @@ class PredictionCSVWriter(BasePredictionWriter):
             for file, label, conf, row in zip(files, predicted.tolist(), confidence.tolist(), probs.tolist()):
                 writer.writerow([str(file), classes[label], f"{conf:.6f}", *[f"{p:.6f}" for p in row]])
         rank_zero_info(f"Predictions for {len(files)} images written to {path}")
+
+
+class FreezeAfter(Callback):
+    """Trains the named parameters for the first `epochs` epochs only, then holds them fixed
+    (airbench: the whitening layer's bias, 3 epochs). Decided at the start of every epoch, so a resumed
+    run freezes them too.
+
+    Args:
+        names: Parameter names in the LightningModule, e.g. `net.whiten.bias`.
+        epochs: Number of epochs they train for.
+    """
+
+    def __init__(self, names: list[str], epochs: int):
+        super().__init__()
+        self.names, self.epochs = names, epochs
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        for name in self.names:
+            if name not in params:
+                raise UserError(f"FreezeAfter: the model has no parameter {name!r} (it has e.g. {next(iter(params))!r})")
+            params[name].requires_grad_(trainer.current_epoch < self.epochs)

@@ -7,6 +7,7 @@ batch (`__getitems__`), never one PIL image per sample; the model normalizes the
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -81,6 +82,23 @@ class ResumableLoader(DataLoader):
         self.sampler.skip = (state["epoch"], state["samples"])
 
 
+def reflect(index: Tensor, size: int) -> Tensor:
+    """Indices past either edge mirrored back inside (edge not repeated), as `F.pad(mode="reflect")`."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def translate(images: Tensor, max_shift: int) -> Tensor:
+    """Each image shifted by its own random (dy, dx) in [-max_shift, max_shift]^2 pixels, the border filled
+    by reflection: one gather for the whole batch, any dtype (uint8 here), on the images' device."""
+    n, _, h, w = images.shape
+    dy, dx = torch.randint(-max_shift, max_shift + 1, (2, n, 1), device=images.device)
+    rows = reflect(torch.arange(h, device=images.device) + dy, h)  # (n, h)
+    cols = reflect(torch.arange(w, device=images.device) + dx, w)  # (n, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w)
+
+
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """collate_fn for TensorBatches: the batch is already stacked."""
     return batch
@@ -110,6 +128,13 @@ class CIFAR10DataModule(LightningDataModule):
         predict_dir: Folder of your own PNG/JPEG images (any size, resized to 32x32) for `predict`.
         skip_bad_images: Skip (and count) files in image folders that are not readable images, instead of
             stopping with an error that names the first one.
+        flip: Horizontal flips of training batches on the device: `random` flips each image with probability
+            1/2; `alternating` flips a random half once, then every image in every odd epoch, so each image
+            is seen both ways in two epochs (airbench); `none`.
+        translate: Shift each training image by up to this many pixels in x and y (reflected border), on the
+            device; 0: off.
+        data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
+            180 MB of uint8), so batches are gathered and augmented there and never cross the bus.
     """
 
     def __init__(
@@ -123,6 +148,9 @@ class CIFAR10DataModule(LightningDataModule):
         download: bool = True,
         predict_dir: str | None = None,
         skip_bad_images: bool = False,
+        flip: Literal["none", "random", "alternating"] = "none",
+        translate: int = 0,
+        data_on_device: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -134,6 +162,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.download = download
         self.predict_dir = Path(predict_dir) if predict_dir else None
         self.skip_bad_images = skip_bad_images
+        self.flip, self.translate, self.data_on_device = flip, translate, data_on_device
         self.predict_files: list[Path] = []
 
     @property
@@ -171,6 +200,12 @@ class CIFAR10DataModule(LightningDataModule):
             rank_zero_info(f"Data: {self.describe()}: {len(self.test_dataset)} test images")
         elif not hasattr(self, "train_dataset"):
             self._split()
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if self.data_on_device and device.type != "cpu":
+            for name in ("train_dataset", "val_dataset", "test_dataset"):
+                if hasattr(self, name):
+                    dataset = getattr(self, name)
+                    setattr(self, name, TensorBatches(dataset.images.to(device), dataset.targets.to(device)))
 
     def describe(self) -> str:
         kind = "official CIFAR-10 release" if self.format == "official" else "image folders"
@@ -195,6 +230,9 @@ class CIFAR10DataModule(LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
         self.train_dataset = TensorBatches(images[train], labels[train])
+        if self.flip == "alternating":  # a random half starts mirrored; on_after_batch_transfer flips odd epochs
+            mirrored = torch.rand(len(train), generator=torch.Generator().manual_seed(torch.initial_seed())) < 0.5
+            self.train_dataset.images[mirrored] = self.train_dataset.images[mirrored].flip(-1)
         self.val_dataset = TensorBatches(images[val], labels[val])
         self.test_dataset = TensorBatches(images[test], labels[test])  # used only when test_size is set
         held_out = f", {n_test} test (held out)" if self.test_size is not None else ""
@@ -214,6 +252,20 @@ class CIFAR10DataModule(LightningDataModule):
             bad = set(skipped)
             self.predict_files = [p for p in self.predict_files if p not in bad]
         return TensorBatches(images, torch.arange(len(images)))
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Augment training batches where they now are (the model's device), whole batches at a time."""
+        if not (self.trainer and self.trainer.training):
+            return batch
+        images, labels = batch
+        if self.flip == "random":
+            mirrored = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        elif self.flip == "alternating" and self.trainer.current_epoch % 2 == 1:
+            images = images.flip(-1)
+        if self.translate:
+            images = translate(images, self.translate)
+        return images, labels
 
     def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:
         return loader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,

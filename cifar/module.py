@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,6 +24,12 @@ class LitModel(LightningModule):
         net: The network, chosen by `class_path`; its `num_classes` is linked from the data.
         num_classes: Number of classes, for the metrics (linked from `data.num_classes`).
         optimizer: Optimizer, called with the parameters (default: the tutorial's Adam, lr 2e-4).
+        scheduler: Learning-rate schedule, called with the optimizer and stepped after every optimizer step
+            (e.g. `cifar.optim.PiecewiseLinearLR`, whose `total_steps` is set to the fit's); null: constant.
+        label_smoothing: Cross-entropy label smoothing of the training loss (validation and test report plain
+            cross-entropy).
+        tta: Test-time augmentation in validate, test and predict: 0 none, 1 averages the logits of each image
+            and its mirror, 2 also those of copies shifted by one pixel (6 passes; airbench's level 2).
         mean: Per-channel mean subtracted from pixels scaled to [0, 1] (tutorial: 0.5).
         std: Per-channel standard deviation the pixels are divided by (tutorial: 0.5).
         channels_last: Run the network in channels_last memory format (faster convolutions on most CPUs and GPUs).
@@ -35,6 +41,9 @@ class LitModel(LightningModule):
         net: nn.Module = lazy_instance(TutorialCNN),
         num_classes: int = 10,
         optimizer: OptimizerCallable = lambda params: torch.optim.Adam(params, lr=2e-4),
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        tta: int = 0,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         channels_last: bool = False,
@@ -45,7 +54,11 @@ class LitModel(LightningModule):
         # so checkpoints hold no pickled objects and `load_from_checkpoint` can rebuild the net.
         self.save_hyperparameters()
         self.net = net
-        self.optimizer = optimizer
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.label_smoothing = label_smoothing
+        if tta not in (0, 1, 2):
+            raise ValueError(f"tta must be 0, 1 or 2, not {tta}")
+        self.tta = tta
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
         if compile:
@@ -60,10 +73,35 @@ class LitModel(LightningModule):
             setattr(self, f"{stage}_loss", MeanMetric())
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))  # fraction correct
 
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 images (N, 3, H, W) -> normalized float, in the network's memory format."""
+        return (images.float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+
     def forward(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, H, W) -> logits (N, num_classes)."""
-        x = images.float() * self.scale - self.shift
-        return self.net(x.contiguous(memory_format=self.memory_format))
+        return self.net(self.normalize(images))
+
+    def evaluate(self, images: Tensor) -> Tensor:
+        """Logits for validation, test and predict: the mean over the `tta` views of each image."""
+        x = self.normalize(images)
+        if self.tta == 0:
+            return self.net(x)
+
+        def mirrored(x: Tensor) -> Tensor:
+            return (self.net(x) + self.net(x.flip(-1))) / 2
+
+        if self.tta == 1:
+            return mirrored(x)
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # one pixel up-left and one down-right, as airbench
+        shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+        return (mirrored(x) + shifted) / 2
+
+    def setup(self, stage: str) -> None:
+        # Data-dependent init (AirbenchNet's whitening). A resumed fit then loads its checkpoint over it.
+        if stage == "fit" and hasattr(self.net, "init_from_data"):
+            images = self.trainer.datamodule.train_dataset.images[:5000]
+            self.net.init_from_data(self.normalize(images.to(self.scale.device)))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
@@ -80,8 +118,8 @@ class LitModel(LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        logits = self(images) if stage == "train" else self.evaluate(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(labels))
         getattr(self, f"{stage}_acc").update(logits.detach(), labels)
         return loss
@@ -102,7 +140,7 @@ class LitModel(LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities (N, num_classes) for a batch of (images, indices into the predict set)."""
         images, _ = batch
-        return self(images).softmax(dim=-1)
+        return self.evaluate(images).softmax(dim=-1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lightning saves no RNG state: keep it, so a resumed run draws what the uninterrupted one would.
@@ -116,5 +154,11 @@ class LitModel(LightningModule):
             if "cuda" in checkpoint["rng_state"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["rng_state"]["cuda"])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters())
+    def configure_optimizers(self):
+        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
+        if self.scheduler is None:
+            return optimizer
+        scheduler = self.scheduler(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # "the whole fit": known only now
+            scheduler.total_steps = self.trainer.estimated_stepping_batches
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

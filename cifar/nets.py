@@ -1,9 +1,15 @@
 """Networks: plain `nn.Module`s that map a normalized float batch (N, 3, H, W) to logits (N, classes).
 
 Pick one in the config with `model.net.class_path`; `num_classes` is linked from the data module.
+A net that needs data to initialize defines `init_from_data(images)`: LitModel calls it at the start
+of a new fit with up to 5,000 normalized training images (a resumed fit restores the weights instead).
 """
 
+import torch
+import torchvision
 from torch import Tensor, nn
+
+from cifar.errors import UserError
 
 
 class TutorialCNN(nn.Module):
@@ -32,3 +38,88 @@ class TutorialCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+class TorchvisionNet(nn.Module):
+    """Any torchvision classification model by name, e.g. `resnet18`, `mobilenet_v3_small`, `vit_b_16`.
+
+    ImageNet models downsample 32x32 images heavily; they train, but well below nets made for CIFAR.
+
+    Args:
+        name: A name from `torchvision.models.list_models(torchvision.models)`.
+        num_classes: Number of output logits (linked from `data.num_classes`).
+        weights: Pretrained weights to start from, e.g. `DEFAULT` (downloaded once by torchvision;
+            needs a matching `num_classes`), or null for random initialization.
+    """
+
+    def __init__(self, name: str = "resnet18", num_classes: int = 10, weights: str | None = None):
+        super().__init__()
+        if name not in torchvision.models.list_models(torchvision.models):
+            raise UserError(f"{name!r} is not a torchvision classification model: see torchvision.models.list_models()")
+        self.model = torchvision.models.get_model(name, weights=weights, num_classes=num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+class ConvGroup(nn.Sequential):
+    """conv 3x3 -> max pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU (BN with a bias but no scale)."""
+
+    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float):
+        def norm() -> nn.BatchNorm2d:  # airbench's momentum 0.6 keeps 60% of the old statistics: torch's 0.4
+            bn = nn.BatchNorm2d(channels_out, eps=1e-12, momentum=1 - batchnorm_momentum)
+            bn.weight.requires_grad_(False)  # a scale would only duplicate the next conv's
+            return bn
+
+        super().__init__(
+            nn.Conv2d(channels_in, channels_out, 3, padding="same", bias=False), nn.MaxPool2d(2), norm(), nn.GELU(),
+            nn.Conv2d(channels_out, channels_out, 3, padding="same", bias=False), norm(), nn.GELU(),
+        )  # fmt: skip
+        for conv in (self[0], self[4]):  # identity on the first channels: each group starts near a skip path
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+
+
+class AirbenchNet(nn.Module):
+    """The airbench94 network (K. Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024), written from
+    its description: a frozen 2x2 patch-whitening conv, three conv groups of widths 64/256/256 with GELU
+    and weightless BatchNorm, a 3x3 max pool and a bias-free linear head; about 2M parameters and 0.28
+    GFLOPs per 32x32 image. No residual connections: Dirac-initialized convs give the same head start.
+
+    Args:
+        num_classes: Number of output logits (linked from `data.num_classes`).
+        widths: Channels of the three conv groups.
+        batchnorm_momentum: Fraction of the running BatchNorm statistics kept at each step.
+        whiten_kernel_size: Side of the image patches the first layer whitens; it has 2 * 3 * side^2 channels.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
+                 batchnorm_momentum: float = 0.6, whiten_kernel_size: int = 2):  # fmt: skip
+        super().__init__()
+        k = whiten_kernel_size
+        self.whiten = nn.Conv2d(3, 2 * 3 * k * k, k, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set from the data's patch covariance, then fixed
+        self.layers = nn.Sequential(
+            nn.GELU(),
+            ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum),
+            ConvGroup(widths[0], widths[1], batchnorm_momentum),
+            ConvGroup(widths[1], widths[2], batchnorm_momentum),
+            nn.AdaptiveMaxPool2d(1),  # airbench: MaxPool2d(3) over the last 3x3 map; this takes any image size
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.head.weight.data /= self.head.weight.data.std()  # unit-variance logits before the 1/width below
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.whiten(x))
+        return self.head(x) / x.size(-1)
+
+    @torch.no_grad()
+    def init_from_data(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Whitening: the first layer's filters are the eigenvectors of the covariance of the images'
+        k x k patches, scaled by 1/sqrt(eigenvalue + eps), each once positive and once negated."""
+        k = self.whiten.kernel_size[0]
+        x = images.float().cpu()
+        patches = x.unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, k, k)
+        self.whiten.weight.copy_(torch.cat((filters, -filters)).to(self.whiten.weight))

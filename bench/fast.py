@@ -1,0 +1,65 @@
+"""Time to accuracy of the fast recipe through the real CLI: wall time and validation accuracy, several seeds.
+
+    python bench/fast.py --data data --seeds 0 1 2
+
+Each seed is one fresh `python main.py fit --config configs/fast.yaml --seed_everything SEED` process on
+the image folders in `--data` (the shared 50k JPEGs): 45k images train, a 5k split held out of them
+(the data's split seed, the same for every run) is the validation set, evaluated once at the end with
+the recipe's test-time augmentation. The time is the process's wall clock, start-up, JPEG decoding and
+the final evaluation included. Anything after `--` is passed to main.py (e.g. `-- --trainer.max_epochs 10`).
+"""
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(seed: int, data: str, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as root:
+        command = [sys.executable, "main.py", "fit", "--config", "configs/fast.yaml", "--seed_everything", str(seed),
+                   "--data.data_dir", data, "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root, *extra]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"seed {seed} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        (metrics,) = Path(root).glob("*-fit/**/metrics.csv")
+        rows = [row for row in csv.DictReader(metrics.open()) if row.get("val_acc")]
+    return {"seconds": seconds, "val_acc": float(rows[-1]["val_acc"]), "epochs": int(rows[-1]["epoch"]) + 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data", help="image-folder tree with train/<class>/ (the shared JPEGs)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+
+    import torch  # only for the report
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; configs/fast.yaml {' '.join(extra)}", flush=True)  # fmt: skip
+    results = []
+    for seed in args.seeds:
+        results.append(run(seed, str(Path(args.data).resolve()), extra))
+        r = results[-1]
+        print(f"  seed {seed}: val_acc (TTA) {r['val_acc']:.4f} after {r['epochs']} epochs, {r['seconds']:.0f} s wall",
+              flush=True)  # fmt: skip
+    accs, secs = [r["val_acc"] for r in results], [r["seconds"] for r in results]
+    spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    print(f"\n{len(results)} seeds: val_acc mean {statistics.mean(accs):.4f}, std {spread(accs):.4f}, "
+          f"min {min(accs):.4f}, max {max(accs):.4f}; wall mean {statistics.mean(secs):.0f} s, max {max(secs):.0f} s")
+
+
+if __name__ == "__main__":
+    main()

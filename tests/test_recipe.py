@@ -1,0 +1,188 @@
+"""The fast recipe's parts (configs/fast.yaml), each on tiny data: nets, Muon, schedule, augmentation, TTA."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CLASSES, run_cli
+
+from cifar.cli import main
+from cifar.data import CIFAR10DataModule, translate
+from cifar.module import LitModel
+from cifar.nets import AirbenchNet, TutorialCNN
+from cifar.optim import Muon, PiecewiseLinearLR, orthogonalize
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
+TINY = ["--data.batch_size", "16", "--data.val_size", "12", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false", "--trainer.precision", "32"]  # fmt: skip
+
+
+def test_translate_is_a_reflected_shift_of_each_image_within_range():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(translate(images, 0), images)
+    shifted = translate(images, 2)
+    padded = F.pad(images.float(), (2, 2, 2, 2), mode="reflect")
+    views = torch.stack([padded[:, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)], 1)
+    matches = (views == shifted.float()[:, None]).flatten(2).all(-1)  # (image, shift)
+    assert matches.any(1).all()  # every output is one of the 25 reflected shifts of its own image
+    assert matches[:, 12].float().mean() < 0.5  # and most are not the unshifted centre (p = 1/25)
+    assert shifted.dtype == torch.uint8
+
+
+def test_flips_on_training_batches_only(folder_data):
+    dm = CIFAR10DataModule(str(folder_data), val_size=12, flip="alternating", translate=0)
+    dm.setup("fit")
+    batch = (dm.train_dataset.images[:4], dm.train_dataset.targets[:4])
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], batch[0])
+    dm.trainer.current_epoch = 1  # odd epochs: every image mirrored
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], batch[0].flip(-1))
+    dm.trainer.training = False  # validation and test batches are never augmented
+    assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], batch[0])
+
+    plain = CIFAR10DataModule(str(folder_data), val_size=12)
+    plain.setup("fit")  # alternating also starts a random half of the training images mirrored
+    flipped = (dm.train_dataset.images == plain.train_dataset.images.flip(-1)).flatten(1).all(1)
+    same = (dm.train_dataset.images == plain.train_dataset.images).flatten(1).all(1)
+    assert (flipped | same).all() and 0 < flipped.sum() < len(flipped)
+
+    dm = CIFAR10DataModule(str(folder_data), val_size=12, flip="random")
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    images = torch.randint(0, 256, (256, 3, 4, 4), dtype=torch.uint8)
+    out = dm.on_after_batch_transfer((images, torch.zeros(256)), 0)[0]
+    mirrored = (out == images.flip(-1)).flatten(1).all(1)
+    assert ((out == images).flatten(1).all(1) | mirrored).all() and 0.3 < mirrored.float().mean() < 0.7
+
+
+def test_airbench_net_whitens_patches_and_fits_any_size():
+    net = AirbenchNet(num_classes=3)
+    images = torch.randn(200, 3, 32, 32) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    images[:, 1] += images[:, 0]  # correlated channels: whitening must undo this
+    net.init_from_data(images)
+    with torch.no_grad():
+        out = F.conv2d(images, net.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = out.T @ out / len(out)
+    torch.testing.assert_close(covariance, torch.eye(12), atol=0.02, rtol=0)
+    assert net(images[:2]).shape == (2, 3) and net(torch.randn(2, 3, 40, 40)).shape == (2, 3)
+    assert sum(p.numel() for p in AirbenchNet().parameters()) == pytest.approx(1.97e6, rel=0.02)
+
+
+def test_muon_orthogonalizes_filter_updates_and_uses_sgd_for_the_rest():
+    g = torch.randn(64, 288)
+    s = torch.linalg.svdvals(orthogonalize(g, steps=5).float())
+    assert 0.5 < s.min() and s.max() < 1.3  # all directions move alike, whatever g's spectrum
+
+    net = AirbenchNet(num_classes=3)
+    optimizer = Muon([p for p in net.parameters() if p.requires_grad], lr=0.1, bias_lr=2.0, head_lr=3.0)
+    kinds = {g["kind"]: g for g in optimizer.param_groups}
+    assert all(p.ndim == 4 for p in kinds["muon"]["params"]) and kinds["head"]["params"] == [net.head.weight]
+    assert (kinds["muon"]["lr"], kinds["bias"]["lr"], kinds["head"]["lr"]) == (0.1, 2.0, 3.0)
+    conv = net.layers[1][0].weight
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 3, (8,))).backward()
+    before = conv.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, conv) and conv.norm().item() == pytest.approx(len(conv) ** 0.5, rel=0.05)
+
+
+def test_piecewise_linear_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = PiecewiseLinearLR(optimizer, points=[0, 0.25, 1], values=[0.2, 1, 0.0], total_steps=8)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(8):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.4, 1.2, 2.0, 5 / 3, 4 / 3, 1.0, 2 / 3, 1 / 3, 0.0])
+    with pytest.raises(ValueError, match="points must rise"):
+        PiecewiseLinearLR(optimizer, points=[0, 0.5], values=[1, 0])
+
+
+def test_tta_averages_mirrored_and_shifted_views():
+    model = LitModel(TutorialCNN(num_classes=3), num_classes=3, tta=2).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    x = model.normalize(images)
+    net = model.net
+    mirrored = lambda v: (net(v) + net(v.flip(-1))) / 2  # noqa: E731
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    expected = (mirrored(x) + (mirrored(padded[..., :32, :32]) + mirrored(padded[..., 2:, 2:])) / 2) / 2
+    with torch.no_grad():
+        torch.testing.assert_close(model.evaluate(images), expected.detach())
+        model.tta = 1
+        torch.testing.assert_close(model.evaluate(images), mirrored(x).detach())
+        model.tta = 0
+        torch.testing.assert_close(model.evaluate(images), model(images))
+
+
+def test_label_smoothing_applies_to_the_training_loss_only():
+    model = LitModel(TutorialCNN(num_classes=3), num_classes=3, label_smoothing=0.2)
+    images, labels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = model(images)
+    loss = model._step((images, labels), "train")
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.2).item(), rel=1e-5)
+    model._step((images, labels), "val")
+    assert model.val_loss.compute().item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
+    """configs/fast.yaml end to end on tiny data: whitening from the data, the schedule over the whole fit,
+    the whitening bias frozen after its epochs, TTA in test; and `val_size 0` (all images train) works."""
+    from conftest import make_folder_data
+
+    data = make_folder_data(tmp_path / "data", per_class=24)
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", FAST_CONFIG, "--data.data_dir", str(data), *TINY, "--data.test_size", "6"]
+    main(["fit", *common, "--data.val_size", "0", "--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "4",
+          "--trainer.callbacks+", "ModelCheckpoint", "--trainer.callbacks.init_args.save_top_k", "-1",
+          "--trainer.callbacks.init_args.monitor", "train_loss", "--trainer.callbacks.init_args.filename", "{epoch}",
+          "--trainer.callbacks.init_args.save_on_train_epoch_end", "true"])  # fmt: skip
+    (run,) = Path("runs/fast").glob("*-fit")
+    ckpt = {p.name: torch.load(p, weights_only=True) for p in (run / "checkpoints").glob("*.ckpt")}
+    assert {"epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt", "epoch=3.ckpt", "last.ckpt"} <= set(ckpt)
+    state = lambda name: ckpt[name]["state_dict"]  # noqa: E731
+    whiten = state("last.ckpt")["net.whiten.weight"]
+    assert whiten.abs().sum() > 0 and torch.equal(whiten, state("epoch=0.ckpt")["net.whiten.weight"])  # fixed
+    bias = lambda name: state(name)["net.whiten.bias"]  # noqa: E731
+    assert not torch.equal(bias("epoch=1.ckpt"), bias("epoch=2.ckpt"))  # trained for 3 epochs (FreezeAfter)
+    assert torch.equal(bias("epoch=2.ckpt"), bias("epoch=3.ckpt"))  # then fixed
+    groups = ckpt["last.ckpt"]["optimizer_states"][0]["param_groups"]  # the config's values, not Adam's leftovers
+    assert [(g["kind"], g["initial_lr"]) for g in groups] == [("muon", 0.24), ("bias", 106.0), ("head", 1340.0)]
+    assert groups[1]["weight_decay"] * 106.0 == pytest.approx(0.004)
+    schedule = ckpt["last.ckpt"]["lr_schedulers"][0]
+    assert schedule["total_steps"] == ckpt["last.ckpt"]["global_step"] == 4 * 5  # 66 train images / 16 per batch
+    assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the last step
+
+    test = run_cli(["test", *common, "--ckpt_path", "last"], tmp_path)
+    assert "test_acc" in test.stdout
+
+
+def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(folder_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs" / "cifar.yaml"), "--data.data_dir", str(folder_data), *TINY,
+              "--trainer.max_epochs", "1", "--model.net", "cifar.nets.TorchvisionNet"]  # fmt: skip
+    main(["fit", *common, "--model.net.init_args.name", "resnet18",
+          "--trainer.callbacks+", "lightning.pytorch.callbacks.EMAWeightAveraging"])  # fmt: skip
+    (run,) = Path("runs/cifar").glob("*-fit")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
+    assert last["state_dict"]["net.model.fc.weight"].shape == (len(CLASSES), 512)  # num_classes linked
+    assert "EMAWeightAveraging" in last["callbacks"] and "averaging_state" in last  # the average is checkpointed
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *common, "--model.net.init_args.name", "resnet1800"])
+    assert stop.value.code == 2
+    assert "error: 'resnet1800' is not a torchvision classification model" in capsys.readouterr().err
+
+
+def test_data_moves_to_the_accelerator_once(folder_data):
+    """On a GPU the uint8 images live on the device; "meta" stands in for it here (no GPU in CI)."""
+    dm = CIFAR10DataModule(str(folder_data), val_size=12)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    dm.setup("fit")
+    assert {dm.train_dataset.images.device.type, dm.val_dataset.targets.device.type} == {"meta"}
+    off = CIFAR10DataModule(str(folder_data), val_size=12, data_on_device=False)
+    off.trainer = dm.trainer
+    off.setup("fit")
+    assert off.train_dataset.images.device.type == "cpu"
