@@ -162,8 +162,8 @@ class CifarCLI(LightningCLI):
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
         for flag, kind in (("enable_progress_bar", ProgressBar), ("enable_model_summary", ModelSummary)):
             if config.trainer.get(flag) is False and isinstance(config.trainer.callbacks, list):
-                # The config declares both (RichProgressBar, RichModelSummary); the flag turns them off (Lightning
-                # would refuse a progress bar callback with `enable_progress_bar false`, and print the summary).
+                # configs/cifar.yaml declares RichProgressBar and RichModelSummary; the flag turns them off
+                # (Lightning refuses a progress bar callback with the flag false, and runs a summary callback).
                 config.trainer.callbacks = [c for c in configured(config.trainer.callbacks)
                                             if not issubclass(class_of(c.class_path), kind)]  # fmt: skip
         self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
