@@ -1,10 +1,12 @@
-"""Callbacks declared in the YAML config: validation images with their predictions, a CSV of predictions,
-and parameters that train for the first epochs only."""
+"""Callbacks declared in the YAML config: validation images with their predictions, a report at the end of
+`test`, a CSV of predictions, and parameters that train for the first epochs only."""
 
 import csv
+from itertools import product
 from pathlib import Path
 
 import torch
+import wandb
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -20,9 +22,10 @@ class ImagePredictionLogger(Callback):
     """After each validation epoch, show a fixed set of validation images captioned "Pred: cat, Label: dog".
 
     The samples are drawn once, with `seed`, from the data module's validation set, so every epoch
-    shows the same images. W&B gets a list of captioned images and TensorBoard an image grid, at the
-    trainer's global step; with any other logger, or none, a PNG grid with the captions is written
-    under the run directory. The sanity-check pass is skipped.
+    shows the same images. W&B gets a list of captioned images and a table (`val/predictions`: image,
+    label, prediction, confidence, one probability per class, to sort and filter in the UI), TensorBoard
+    an image grid, at the trainer's global step; with any other logger, or none, a PNG grid with the
+    captions is written under the run directory. The sanity-check pass is skipped.
 
     Args:
         num_samples: Number of validation images to show.
@@ -44,7 +47,8 @@ class ImagePredictionLogger(Callback):
         if len(images) == 0:
             return
         with torch.no_grad():
-            preds = pl_module(images.to(pl_module.device)).argmax(dim=-1).cpu()
+            probs = pl_module.evaluate(images.to(pl_module.device)).float().softmax(dim=-1).cpu()  # with its TTA
+        preds = probs.argmax(dim=-1)
         classes = trainer.datamodule.classes
         captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
         step = trainer.global_step
@@ -53,6 +57,7 @@ class ImagePredictionLogger(Callback):
             if isinstance(logger, WandbLogger):
                 hwc = list(images.permute(0, 2, 3, 1).numpy())  # un-normalized uint8 pixels
                 logger.log_image(key="val/examples", images=hwc, step=step, caption=captions)
+                logger.log_table("val/predictions", *prediction_rows(images, labels, probs, classes), step=step)
                 wrote = True
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/examples", make_grid(images, nrow=8), global_step=step)
@@ -65,6 +70,15 @@ class ImagePredictionLogger(Callback):
         n = min(self.num_samples, len(dataset))
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:n].sort().values
         return dataset.images[index].cpu(), dataset.targets[index].cpu()  # the data may live on the GPU
+
+
+def prediction_rows(images: Tensor, labels: Tensor, probs: Tensor, classes: list[str]) -> tuple[list[str], list]:
+    """Columns and rows of a W&B table, one row per image: image, label, prediction, confidence, p_<class>..."""
+    confidence, predicted = probs.max(dim=-1)
+    columns = ["image", "label", "prediction", "confidence", *[f"p_{name}" for name in classes]]
+    rows = zip(images.permute(0, 2, 3, 1).cpu().numpy(), labels.tolist(), predicted.tolist(), confidence.tolist(),
+               probs.tolist())  # fmt: skip
+    return columns, [[wandb.Image(hwc), classes[y], classes[p], c, *row] for hwc, y, p, c, row in rows]
 
 
 def captioned_grid(images: Tensor, captions: list[str], correct: list[bool], columns: int = 8, zoom: int = 3):
@@ -80,6 +94,103 @@ def captioned_grid(images: Tensor, captions: list[str], correct: list[bool], col
         grid.paste(tile, (x + (cell_width - size) // 2, y))
         draw.text((x + 2, y + size + 4), caption, fill=(0, 128, 0) if ok else (200, 0, 0))
     return grid
+
+
+class TestReport(Callback):
+    """At the end of `test`: confusion matrix, per-class accuracy and the most confidently wrong test images.
+
+    Per-class accuracy goes to every logger as `test_acc/<class>`. W&B also gets the confusion matrix
+    (`test/confusion_matrix`) and a table of the `num_mistakes` most confident mistakes (`test/mistakes`,
+    the columns of `val/predictions`). With any logger, or none, the run directory gets
+    `confusion_matrix.png` and `test_examples.png` (the first `num_samples` test images, captioned
+    green when right, red when wrong).
+
+    It reads the logits `LitModel.test_step` returns and keeps, on the model's device, only the
+    probabilities and labels (a few bytes an image) and the images it will show. With several
+    devices, confusion_matrix.png and per-class accuracy sum every rank's counts; the W&B chart, the images
+    and the mistakes come from rank zero's share of the test set.
+
+    Args:
+        num_samples: Number of test images in test_examples.png.
+        num_mistakes: Number of most confidently wrong test images logged to W&B.
+    """
+
+    def __init__(self, num_samples: int = 32, num_mistakes: int = 16):
+        super().__init__()
+        self.num_samples = num_samples
+        self.num_mistakes = num_mistakes
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.probs: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.samples: list[Tensor] = []
+        self.mistakes: list[Tensor] = []  # images, labels, probs of the most confident mistakes so far
+
+    def on_test_batch_end(self, trainer, pl_module, outputs: Tensor, batch, batch_idx: int, dataloader_idx: int = 0):
+        images, labels = batch
+        probs = outputs.float().softmax(dim=-1)
+        self.probs.append(probs)
+        self.labels.append(labels)
+        if (seen := sum(map(len, self.samples))) < self.num_samples:
+            self.samples.append(images[: self.num_samples - seen])
+        wrong = probs.argmax(dim=-1) != labels
+        candidates = [images[wrong], labels[wrong], probs[wrong]]
+        if self.mistakes:
+            candidates = [torch.cat(pair) for pair in zip(self.mistakes, candidates)]
+        top = candidates[2].max(dim=-1).values.topk(min(self.num_mistakes, len(candidates[0]))).indices
+        self.mistakes = [c[top] for c in candidates]  # most confident first
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.probs:
+            return
+        probs, labels = torch.cat(self.probs), torch.cat(self.labels)
+        preds = probs.argmax(dim=-1)
+        classes = trainer.datamodule.classes
+        n = len(classes)
+        confusion = torch.bincount(labels * n + preds, minlength=n * n).view(n, n)  # rows: label
+        if trainer.world_size > 1:  # every rank's share of the test set (the sampler may repeat a few images)
+            confusion = pl_module.all_gather(confusion).sum(dim=0)
+        confusion = confusion.cpu()
+        for name, right, total in zip(classes, confusion.diag().tolist(), confusion.sum(dim=1).tolist()):
+            if total:
+                pl_module.log(f"test_acc/{name}", right / total, rank_zero_only=True)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                chart = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=preds.tolist(), class_names=classes,
+                                                    title="Test confusion matrix")  # fmt: skip
+                logger.log_metrics({"test/confusion_matrix": chart}, step=step)
+                if len(self.mistakes[0]):
+                    logger.log_table("test/mistakes", *prediction_rows(*self.mistakes, classes), step=step)
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        confusion_figure(confusion, classes).savefig(run_dir / "confusion_matrix.png", dpi=100)
+        images = torch.cat(self.samples).cpu()
+        preds, labels = preds[: len(images)].cpu(), labels[: len(images)].cpu()
+        captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
+        captioned_grid(images, captions, correct=(preds == labels).tolist()).save(run_dir / "test_examples.png")
+        rank_zero_info(f"Test report written to {run_dir / 'confusion_matrix.png'} and {run_dir / 'test_examples.png'}")
+
+
+def confusion_figure(confusion: Tensor, classes: list[str]):
+    """A matplotlib Figure: the confusion matrix as a heatmap with the counts written in the cells."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    n = len(classes)
+    figure = Figure(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n), layout="constrained")
+    axes = figure.subplots()
+    heatmap = axes.imshow(confusion.numpy(), cmap="Blues")
+    axes.set_xticks(range(n), classes, rotation=45, ha="right")
+    axes.set_yticks(range(n), classes)
+    axes.set(xlabel="prediction", ylabel="label", title=f"Test confusion matrix ({int(confusion.sum())} images)")
+    dark = confusion.max().item() / 2
+    for row, column in product(range(n), range(n)):
+        count = confusion[row, column].item()
+        axes.text(column, row, count, ha="center", va="center", color="white" if count > dark else "black")
+    figure.colorbar(heatmap, ax=axes)
+    return figure
 
 
 class PredictionCSVWriter(BasePredictionWriter):

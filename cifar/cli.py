@@ -19,7 +19,7 @@ import wandb.errors
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -151,9 +151,21 @@ class CifarCLI(LightningCLI):
                     logger.init_args.version = run_dir.name  # W&B run id = run directory name
                 if "job_type" in logger.init_args and not logger.init_args.job_type:
                     logger.init_args.job_type = self.subcommand
+                if logger.init_args.get("offline") and logger.init_args.get("log_model"):
+                    # WandbLogger refuses this pair; the run is still worth having, without the upload.
+                    print("warning: log_model needs W&B online: checkpoints are not uploaded in offline mode, so "
+                          "log_model is off for this run (add --trainer.logger.init_args.offline false to upload "
+                          "them as W&B model artifacts)", file=sys.stderr)  # fmt: skip
+                    logger.init_args.log_model = False
         for callback in configured(config.trainer.callbacks):
             if issubclass(class_of(callback.class_path), ModelCheckpoint) and not callback.init_args.get("dirpath"):
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
+        for flag, kind in (("enable_progress_bar", ProgressBar), ("enable_model_summary", ModelSummary)):
+            if config.trainer.get(flag) is False and isinstance(config.trainer.callbacks, list):
+                # configs/cifar.yaml declares RichProgressBar and RichModelSummary; the flag turns them off
+                # (Lightning refuses a progress bar callback with the flag false, and runs a summary callback).
+                config.trainer.callbacks = [c for c in configured(config.trainer.callbacks)
+                                            if not issubclass(class_of(c.class_path), kind)]  # fmt: skip
         self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
         self.run_dir = run_dir
 

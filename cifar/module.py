@@ -104,7 +104,7 @@ class LitModel(LightningModule):
             self.net.init_from_data(self.normalize(images.to(self.scale.device)))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
+        loss, _ = self._step(batch, "train")
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:  # the steps Lightning sends to the loggers
             self.log("train_loss_step", loss, prog_bar=True)
@@ -113,16 +113,18 @@ class LitModel(LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The batch's logits, for callbacks that report on the test set (`TestReport`)."""
+        return self._step(batch, "test")[1].detach()
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        """(loss, logits) of a batch; updates the stage's metrics."""
         images, labels = batch
         logits = self(images) if stage == "train" else self.evaluate(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(labels))
         getattr(self, f"{stage}_acc").update(logits.detach(), labels)
-        return loss
+        return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
         self.log(f"{stage}_loss", getattr(self, f"{stage}_loss"), prog_bar=stage != "train")

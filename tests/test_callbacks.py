@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, CONFIG, FAST
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from cifar.callbacks import ImagePredictionLogger, captioned_grid
+from cifar.cli import main
 from cifar.data import CIFAR10DataModule
 from cifar.module import LitModel
 from cifar.nets import TutorialCNN
@@ -91,3 +92,30 @@ def test_logged_metrics_are_exact_per_stage(folder_data, tmp_path):
         loss = torch.nn.functional.cross_entropy(logits, split.targets).item()
         assert logged[f"{stage}_acc"] == pytest.approx(accuracy, abs=1e-6)
         assert logged[f"{stage}_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+SAVE_DIR = ["--trainer.logger.save_dir", "."]  # required to parse; the CLI puts the logs in the run directory
+
+
+@pytest.mark.parametrize("logger", [["CSVLogger", *SAVE_DIR], ["TensorBoardLogger", *SAVE_DIR], ["false"]],
+                         ids=lambda args: args[0])  # fmt: skip
+def test_without_wandb_the_app_trains_and_writes_its_pictures(logger, folder_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
+              "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "false",
+              "--trainer.logger", *logger]  # fmt: skip
+    main(["fit", *common])
+    main(["test", *common, "--ckpt_path", "last"])
+    fit, test = (only(Path("runs/cifar").glob(f"*-{stage}")) for stage in ("fit", "test"))
+    assert Image.open(only(fit.glob("val_examples/*.png"))).size == (8 * 150, 2 * (96 + 24))  # 12 val images
+    assert Image.open(test / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images
+    assert Image.open(test / "confusion_matrix.png").size[0] > 200
+    if logger[0] == "CSVLogger":
+        header = only(test.glob("lightning_logs/*/metrics.csv")).read_text().splitlines()[0]
+        assert {"test_acc", *[f"test_acc/{c}" for c in CLASSES]} <= set(header.split(","))
+
+
+def only(paths) -> Path:
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]

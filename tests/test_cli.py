@@ -89,6 +89,19 @@ def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data
     labels = [[c.split("Label: ")[1] for c in epoch] for epoch in captions]
     assert labels[0] == labels[1]  # the same images every epoch
 
+    # Beside them, one table per epoch of the same images: image, label, prediction, confidence, p_<class>.
+    rows = [row for row in history if "val/predictions/_type" in row]
+    assert [row["trainer/global_step"] for row in rows] == [steps_per_epoch, 2 * steps_per_epoch]
+    tables = [wandb_records.table(run_file, row, "val/predictions") for row in rows]
+    for table, epoch_labels in zip(tables, labels):
+        assert table["columns"] == ["image", "label", "prediction", "confidence", *[f"p_{c}" for c in CLASSES]]
+        assert [r[1] for r in table["data"]] == epoch_labels
+        for _, _, prediction, confidence, *probs in table["data"]:
+            assert confidence == max(probs) and prediction == CLASSES[probs.index(confidence)]
+            assert sum(probs) == pytest.approx(1, abs=1e-5)
+    stored = [paths for _, kind, paths in wandb_records.artifacts(run_file) if kind == "run_table"]
+    assert stored and all("val/predictions.table.json" in p and len(p) == 12 + 1 for p in stored)  # + 12 images
+
     logged = set().union(*history)
     assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= logged
     config = wandb_records.config(run_file)
@@ -120,3 +133,41 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     runs = [new_run_dir(tmp_path, "fit") for _ in range(3)]
     assert len(set(runs)) == 3 and all(r.is_dir() and r.name.endswith("-fit") for r in runs)
     assert sorted(runs) == runs  # names sort in the order the runs started
+
+
+def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
+    """`test` logs per-class accuracy, a confusion matrix and the most confident mistakes, and writes two PNGs."""
+    test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST], tmp_path)  # untrained
+    run = only((tmp_path / "runs" / "cifar").glob("*-test"))
+    assert f"Test report written to runs/cifar/{run.name}/confusion_matrix.png" in test.stderr
+    assert Image.open(run / "confusion_matrix.png").size[0] > 200
+    assert Image.open(run / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images, 8 a row
+
+    run_file = only(run.glob("wandb/offline-run-*/run-*.wandb"))
+    history = wandb_records.history(run_file)
+    logged = {key: value for row in history for key, value in row.items()}
+    assert {f"test_acc/{c}" for c in CLASSES} <= set(logged)  # also printed in the test table
+    confusion = wandb_records.table(run_file, logged, "test/confusion_matrix_table")
+    assert confusion["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert len(confusion["data"]) == 9 and sum(r[2] for r in confusion["data"]) == 12  # 3 x 3 cells, 12 images
+    for name in CLASSES:
+        right = next(r[2] for r in confusion["data"] if r[0] == r[1] == name)
+        assert logged[f"test_acc/{name}"] == pytest.approx(right / 4)  # 4 test images per class
+    assert "_wandb/visualize/test/confusion_matrix" in wandb_records.config(run_file)  # drawn as a chart
+
+    mistakes = wandb_records.table(run_file, logged, "test/mistakes")["data"]
+    assert len(mistakes) == min(16, 12 - sum(r[2] for r in confusion["data"] if r[0] == r[1]))
+    assert all(label != prediction for _, label, prediction, *_ in mistakes)
+    confidences = [r[3] for r in mistakes]
+    assert confidences == sorted(confidences, reverse=True)  # most confident first
+
+
+def test_log_model_offline_says_why_it_is_off_and_trains(folder_data: Path, tmp_path: Path):
+    fit = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
+                   "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model", "true"], tmp_path)  # fmt: skip
+    warnings = [line for line in fit.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, fit.stderr
+    assert warnings[0].startswith("warning: log_model needs W&B online: checkpoints are not uploaded in offline mode")
+    run = only((tmp_path / "runs" / "cifar").glob("*-fit"))
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert "log_model: true" in (run / "config.yaml").read_text()  # the user's config, as given

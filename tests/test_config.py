@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CONFIG, ROOT
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from cifar.cli import main
 
@@ -50,4 +51,26 @@ def test_configs_cifar_yaml_declares_logger_and_callbacks():
     assert config["trainer"]["logger"]["class_path"].endswith("WandbLogger")
     assert config["trainer"]["logger"]["init_args"]["offline"] is True  # no account, no network: still works
     names = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
-    assert names == ["EarlyStopping", "ModelCheckpoint", "ImagePredictionLogger", "PredictionCSVWriter"]
+    assert names == ["EarlyStopping", "ModelCheckpoint", "ImagePredictionLogger", "PredictionCSVWriter", "TestReport",
+                     "RichProgressBar", "RichModelSummary"]
+
+
+def sweep_values(spec: dict) -> list:
+    """The values a sweep parameter can take: its list, its one value, or the ends of its range."""
+    return spec.get("values") or ([spec["value"]] if "value" in spec else [spec["min"], spec["max"]])
+
+
+def test_every_sweep_parameter_is_a_cli_argument_with_each_of_its_values(capsys, monkeypatch):
+    """configs/sweep.yaml's command, with each value as the W&B agent passes it, is a valid `fit` command."""
+    monkeypatch.chdir(ROOT)  # where `wandb agent` runs the command
+    sweep = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
+    assert (ROOT / sweep["program"]).is_file() and sweep["metric"] == {"name": "val_acc", "goal": "maximize"}
+    command = sweep["command"]
+    assert command[:3] == ["${env}", "${interpreter}", "${program}"] and command[-1] == "${args}"
+    for key, spec in sweep["parameters"].items():
+        for value in sweep_values(spec):
+            flags = create_sweep_command_args({"args": {key: {"value": value}}})["args"]  # what ${args} becomes
+            printed = yaml.safe_load(print_config([*command[3:-1], *flags, "--print_config"], capsys))
+            for part in key.split("."):
+                printed = printed[part]
+            assert printed == value, (key, value)

@@ -57,3 +57,15 @@ def config(path: Path) -> dict:
             for item in record.run.config.update:
                 values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return values
+
+
+def table(path: Path, row: dict, key: str) -> dict:
+    """The table a history row logged under `key`, as W&B saved it: {"columns": [...], "data": [[...], ...]}."""
+    assert row[f"{key}/_type"] == "table-file", row
+    return json.loads((Path(path).parent / "files" / row[f"{key}/path"]).read_text())
+
+
+def artifacts(path: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, type, paths of its files) of each artifact the run logged; W&B stores a table's images in one."""
+    return [(r.artifact.name, r.artifact.type, [e.path for e in r.artifact.manifest.contents])
+            for r in records(path) if r.WhichOneof("record_type") == "artifact"]  # fmt: skip
