@@ -17,6 +17,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar.nets import TutorialCNN
 
 
+def normalize(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """uint8 pixels -> (pixels / 255 - mean) / std, as one multiply-add (scale = 1 / (255 std), shift = mean / std)."""
+    return images.float() * scale - shift
+
+
 class LitModel(LightningModule):
     """Image classifier: takes uint8 image batches (N, 3, H, W) and returns logits.
 
@@ -28,6 +33,8 @@ class LitModel(LightningModule):
         std: Per-channel standard deviation the pixels are divided by (tutorial: 0.5).
         channels_last: Run the network in channels_last memory format (faster convolutions on most CPUs and GPUs).
         compile: Compile the network with `torch.compile` (slower start, faster steps where it helps).
+        classes: Class names, index = label (linked from `data.classes`): saved in checkpoints, so that
+            `export` and servers can name the model's outputs without the data.
     """
 
     def __init__(
@@ -39,6 +46,7 @@ class LitModel(LightningModule):
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         channels_last: bool = False,
         compile: bool = False,
+        classes: list[str] | None = None,
     ):
         super().__init__()
         # Under LightningCLI, `net` and `optimizer` are stored as their class_path/init_args dicts,
@@ -62,8 +70,7 @@ class LitModel(LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, H, W) -> logits (N, num_classes)."""
-        x = images.float() * self.scale - self.shift
-        return self.net(x.contiguous(memory_format=self.memory_format))
+        return self.net(normalize(images, self.scale, self.shift).contiguous(memory_format=self.memory_format))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
