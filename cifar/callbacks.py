@@ -209,6 +209,9 @@ class PredictionCSVWriter(BasePredictionWriter):
         return Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.csv"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict" and trainer.world_size > 1:  # each rank would hold only its shard of the rows
+            raise UserError("predict writes one CSV from one process: run it with --trainer.devices 1 "
+                            "(and no --trainer.num_nodes)")  # fmt: skip
         if stage == "predict" and self.path(trainer).exists():  # say so before the work, not after
             raise UserError(f"{self.path(trainer)} already exists: choose another --output or move it away")
 

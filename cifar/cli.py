@@ -5,6 +5,17 @@ Every subcommand (fit, validate, test, predict) gets its own run directory,
 config, re-runnable as is), the loggers' files (`wandb/`, ...), `checkpoints/` and any other output.
 Nothing a run writes can collide with another run's files. Within the run, `trainer.default_root_dir`
 is that directory; the W&B run id is its name.
+
+Under DDP every process (rank) runs this CLI, and all of them must agree on one run directory (so one
+W&B id, one `config.yaml`, one `checkpoints/`) and on the checkpoint `--ckpt_path best|last` means:
+
+- Lightning's own launcher (`--trainer.strategy ddp --trainer.devices N`, no cluster) starts ranks > 0
+  at `trainer.fit` time by re-running this script with rank 0's environment: rank 0 exports its choices
+  in `CIFAR_RUN_DIR` and `CIFAR_CKPT_PATH` before that, and the other ranks adopt them.
+- torchrun and SLURM's srun start all ranks at once, so the name is derived from what they share: the
+  rendezvous id (`TORCHELASTIC_RUN_ID`) or the job and step id (`SLURM_JOB_ID`, `SLURM_STEP_ID`). The
+  checkpoint is resolved from disk by every rank; on several nodes the run root must be on a shared
+  file system (it must anyway, for `--ckpt_path` to load on every node).
 """
 
 import importlib
@@ -14,11 +25,12 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import wandb.errors
 import yaml
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -28,6 +40,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from cifar.checkpoints import resolve_checkpoint
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
+from cifar.export import export_checkpoint
 from cifar.module import LitModel
 
 
@@ -79,6 +92,33 @@ def new_run_dir(root: Path, subcommand: str) -> Path:
     raise UserError(f"could not create a new run directory under {root}")
 
 
+# What rank 0 tells the ranks Lightning's launcher starts as its child processes (see the module doc).
+RUN_DIR_ENV, CKPT_PATH_ENV, PARENT_ENV = "CIFAR_RUN_DIR", "CIFAR_CKPT_PATH", "CIFAR_RUN_PID"
+
+
+def launched_by_lightning() -> bool:
+    """True in a rank that Lightning's subprocess launcher started (it sets LOCAL_RANK 1, 2, ...): a child of
+    a rank 0 that ran this CLI. (The parent's pid too: a variable left by another program is never adopted.)"""
+    child = os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(PARENT_ENV) == str(os.getppid())
+    return child and RUN_DIR_ENV in os.environ
+
+
+def cluster_job_name(subcommand: str) -> str | None:
+    """The run directory name all ranks of a torchrun or SLURM job share, or None outside such a job."""
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+        return None  # one process: a timestamped directory of its own
+    if run_id := os.environ.get("TORCHELASTIC_RUN_ID"):
+        if run_id == "none":  # torchrun's default without --standalone or --rdzv-id: the same for every job
+            raise UserError("torchrun without a unique rendezvous id: every job would share one run directory. "
+                            "Pass --standalone (one machine) or --rdzv-id <a unique job id>")  # fmt: skip
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return f"torchrun-{run_id}{'' if restarts == '0' else f'.r{restarts}'}-{subcommand}"
+    if (job := os.environ.get("SLURM_JOB_ID")) and "SLURM_PROCID" in os.environ:  # a task started by srun
+        step, restarts = os.environ.get("SLURM_STEP_ID", "0"), os.environ.get("SLURM_RESTART_COUNT", "0")
+        return f"slurm-{job}.{step}{'' if restarts == '0' else f'.r{restarts}'}-{subcommand}"
+    return None
+
+
 def resumed_run_dir(ckpt_path: str | None, root: Path) -> Path | None:
     """The run a `fit --ckpt_path` continues: the run directory holding the checkpoint, if it is one under `root`.
 
@@ -91,6 +131,29 @@ def resumed_run_dir(ckpt_path: str | None, root: Path) -> Path | None:
     if checkpoint.parent.name == "checkpoints" and run_dir.parent == root.resolve():
         return run_dir
     return None
+
+
+class CifarTrainer(Trainer):
+    """Lightning's Trainer with one more subcommand, `export` (LightningCLI's subcommands are Trainer methods)."""
+
+    def export(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        format: Literal["onnx", "torchscript"] = "onnx",
+        output: str | None = None,
+    ) -> Path:
+        """Export a checkpoint's model for serving: uint8 images in, class probabilities out, class names inside.
+
+        Args:
+            model: Not used: the model is rebuilt from the checkpoint.
+            datamodule: Not used: the class names come from the checkpoint.
+            ckpt_path: The checkpoint: `best`, `last` (of the latest run under trainer.default_root_dir) or a path.
+            format: `onnx` (for onnxruntime and most servers) or `torchscript` (for `torch.jit.load`).
+            output: The file to write (default: beside the checkpoint, `.onnx` or `.pt`); never overwritten.
+        """
+        return export_checkpoint(ckpt_path, format, output)
 
 
 class CifarCLI(LightningCLI):
@@ -112,16 +175,22 @@ class CifarCLI(LightningCLI):
             raise
         except BaseException:
             run_dir = getattr(self, "run_dir", None)
-            if run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+            shared = launched_by_lightning() or int(os.environ.get("WORLD_SIZE", "1")) > 1  # other ranks use it
+            if run_dir and not shared and run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
             raise
         finally:
             signal.signal(signal.SIGINT, ctrl_c)  # before_fit's handler lives as long as the run
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the number of classes; model and net follow (no number typed twice).
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")  # saved in checkpoints
         parser.set_defaults({"trainer.default_root_dir": "runs"})
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -131,17 +200,28 @@ class CifarCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "", None)
         if config is not None and config.get("ckpt_path"):
             root = Path(config.trainer.default_root_dir)
+            if launched_by_lightning() and CKPT_PATH_ENV in os.environ:  # rank 0 resolved it: the same file
+                config.ckpt_path = os.environ[CKPT_PATH_ENV]
             resolved = resolve_checkpoint(config.ckpt_path, root)
             if config.ckpt_path in ("best", "last"):
                 rank_zero_info(f"--ckpt_path {config.ckpt_path}: {resolved} (the latest run under {root})")
             config.ckpt_path = str(resolved)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand == "export":  # writes one file where told: no run directory
+            return
         config = self.config[self.subcommand]
         root = Path(config.trainer.default_root_dir)
         saved = config.clone()
         run_dir = resumed_run_dir(config.ckpt_path, root) if self.subcommand == "fit" else None
+        if run_dir is None and launched_by_lightning():
+            run_dir = Path(os.environ[RUN_DIR_ENV])
+        elif run_dir is None and (name := cluster_job_name(self.subcommand)):
+            (run_dir := root / name).mkdir(parents=True, exist_ok=True)  # every rank: whoever comes first makes it
         run_dir = run_dir or new_run_dir(root, self.subcommand)
+        if not launched_by_lightning():  # for the ranks Lightning's launcher may start from this process
+            os.environ.update({RUN_DIR_ENV: str(run_dir), CKPT_PATH_ENV: config.ckpt_path or "",
+                               PARENT_ENV: str(os.getpid())})  # fmt: skip
         config.trainer.default_root_dir = str(run_dir)
         for logger in configured(config.trainer.logger):
             if issubclass(class_of(logger.class_path), Logger) and "save_dir" in logger.init_args:
@@ -168,6 +248,19 @@ class CifarCLI(LightningCLI):
                                             if not issubclass(class_of(c.class_path), kind)]  # fmt: skip
         self.save_config_kwargs = {"run_dir": str(run_dir), "user_config": saved}
         self.run_dir = run_dir
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand == "export":  # everything comes from the checkpoint: no data, network or logger
+            self.model = self.datamodule = self.trainer = None
+            return
+        super().instantiate_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "export":  # the same call as CifarTrainer.export, without building a Trainer
+            config = self.config.export
+            export_checkpoint(config.ckpt_path, config.format, config.output)
+            return
+        super()._run_subcommand(subcommand)
 
     def before_fit(self) -> None:
         """Make the first Ctrl-C stop like SIGTERM: after the current batch, with a checkpoint. An interrupt
@@ -200,6 +293,7 @@ def main(args: list[str] | None = None) -> None:
             LitModel,
             CIFAR10DataModule,
             save_config_callback=RunConfigSaver,
+            trainer_class=CifarTrainer,  # adds the `export` subcommand
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
             args=args,
             parser_kwargs={"exit_on_error": False},  # errors come to us: one line, not the whole usage

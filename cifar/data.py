@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cifar import datasets
 from cifar.errors import UserError
@@ -38,30 +38,33 @@ class TensorBatches(Dataset):
         return self.images[index], self.targets[index]
 
 
-class EpochShuffle(Sampler[int]):
-    """A new random order every epoch that depends only on the run's seed and the epoch number.
+class EpochShuffle(DistributedSampler):
+    """A new random order every epoch that depends only on the run's seed and the epoch number; under DDP,
+    this rank's shard of it.
 
     Lightning calls `set_epoch` at the start of each epoch, so a run resumed from a checkpoint sees
     exactly the order the uninterrupted run would have seen (a stock RandomSampler draws from the
     global RNG, whose state a checkpoint does not hold). `skip` resumes one epoch part-way through.
+
+    With `num_replicas` ranks, rank r takes every num_replicas-th index of the epoch's order from r on,
+    after padding the order with its own start (as DistributedSampler does) so all ranks have the same
+    number of batches. It is a DistributedSampler so that Lightning keeps it (and the loader around it)
+    as it is, rather than wrapping it in a DistributedSamplerWrapper that would not pass `set_epoch` on.
     """
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-        self.skip: tuple[int, int] | None = None  # (epoch, samples already trained on in it)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.size = size
+        self.skip: tuple[int, int] | None = None  # (epoch, samples of this rank's shard already trained on)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
+        order = (order * self.num_replicas)[: self.total_size]  # padded to a multiple of num_replicas
+        shard = order[self.rank :: self.num_replicas]
         start = self.skip[1] if self.skip and self.skip[0] == self.epoch else 0
         self.skip = None
-        return iter(order[start:])
-
-    def __len__(self) -> int:
-        return self.size
+        return iter(shard[start:])
 
 
 class ResumableLoader(DataLoader):
@@ -71,6 +74,8 @@ class ResumableLoader(DataLoader):
 
     The place is Lightning's own count of completed batches (`trained_batches`, set by the data module):
     the loader's count of batches handed out runs ahead of it, since Lightning fetches one batch early.
+    Under DDP the ranks step in lockstep, so the count rank 0 saves is every rank's place in its own shard
+    (resuming mid-epoch needs the same number of ranks; at an epoch's end any number will do).
     """
 
     trained_batches: Callable[[], int] = staticmethod(lambda: 0)
@@ -272,8 +277,13 @@ class CIFAR10DataModule(LightningDataModule):
                       collate_fn=keep_batch, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        # Seeded by the run's seed (seed_everything), not the split seed: new runs, new orders.
-        sampler = EpochShuffle(len(self.train_dataset), torch.initial_seed())
+        # Seeded by the run's seed (seed_everything), not the split seed: new runs, new orders. Rank 0's seed,
+        # since ranks started by torchrun or srun each draw their own when none is configured.
+        seed, world, rank = torch.initial_seed(), 1, 0
+        if self.trainer is not None:
+            seed = self.trainer.strategy.broadcast(seed)
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = EpochShuffle(len(self.train_dataset), seed, num_replicas=world, rank=rank)
         loader = self._loader(self.train_dataset, sampler, loader=ResumableLoader)
         loader.trained_batches = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return loader

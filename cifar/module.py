@@ -17,6 +17,31 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar.nets import TutorialCNN
 
 
+def normalize(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """uint8 pixels -> (pixels / 255 - mean) / std, as one multiply-add (scale = 1 / (255 std), shift = mean / std)."""
+    return images.float() * scale - shift
+
+
+def tta_logits(net: nn.Module, x: Tensor, tta: int) -> Tensor:
+    """The mean logits of `net` over test-time views of the normalized images x (N, C, H, W).
+
+    tta 0: x alone; 1: x and its mirror; 2: also the mirrored pair shifted one pixel up-left and one
+    down-right (6 passes, airbench's level 2, the shifted pairs weighted 1/2 together).
+    """
+    if tta == 0:
+        return net(x)
+
+    def mirrored(x: Tensor) -> Tensor:
+        return (net(x) + net(x.flip(-1))) / 2
+
+    if tta == 1:
+        return mirrored(x)
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+    return (mirrored(x) + shifted) / 2
+
+
 class LitModel(LightningModule):
     """Image classifier: takes uint8 image batches (N, 3, H, W) and returns logits.
 
@@ -34,6 +59,8 @@ class LitModel(LightningModule):
         std: Per-channel standard deviation the pixels are divided by (tutorial: 0.5).
         channels_last: Run the network in channels_last memory format (faster convolutions on most CPUs and GPUs).
         compile: Compile the network with `torch.compile` (slower start, faster steps where it helps).
+        classes: Class names, index = label (linked from `data.classes`): saved in checkpoints, so that
+            `export` and servers can name the model's outputs without the data.
     """
 
     def __init__(
@@ -48,6 +75,7 @@ class LitModel(LightningModule):
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         channels_last: bool = False,
         compile: bool = False,
+        classes: list[str] | None = None,
     ):
         super().__init__()
         # Under LightningCLI, `net` and `optimizer` are stored as their class_path/init_args dicts,
@@ -75,7 +103,7 @@ class LitModel(LightningModule):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, H, W) -> normalized float, in the network's memory format."""
-        return (images.float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+        return normalize(images, self.scale, self.shift).contiguous(memory_format=self.memory_format)
 
     def forward(self, images: Tensor) -> Tensor:
         """uint8 images (N, 3, H, W) -> logits (N, num_classes)."""
@@ -83,19 +111,7 @@ class LitModel(LightningModule):
 
     def evaluate(self, images: Tensor) -> Tensor:
         """Logits for validation, test and predict: the mean over the `tta` views of each image."""
-        x = self.normalize(images)
-        if self.tta == 0:
-            return self.net(x)
-
-        def mirrored(x: Tensor) -> Tensor:
-            return (self.net(x) + self.net(x.flip(-1))) / 2
-
-        if self.tta == 1:
-            return mirrored(x)
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # one pixel up-left and one down-right, as airbench
-        shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
-        return (mirrored(x) + shifted) / 2
+        return tta_logits(self.net, self.normalize(images), self.tta)
 
     def setup(self, stage: str) -> None:
         # Data-dependent init (AirbenchNet's whitening). A resumed fit then loads its checkpoint over it.

@@ -1,0 +1,104 @@
+"""`export`: a checkpoint's model as one ONNX or TorchScript file for serving, without Python code of ours.
+
+The exported model takes what a server has, a raw uint8 image batch (N, 3, H, W) in RGB order, and returns
+class probabilities (N, classes): the normalization, the model's test-time augmentation (`model.tta`) and
+the softmax are baked in, and the batch size is free. The class names travel with it: ONNX metadata
+`classes` and TorchScript extra file `classes.json`, both a JSON list (index = class).
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from cifar.checkpoints import load_checkpoint
+from cifar.errors import UserError
+from cifar.module import LitModel, normalize, tta_logits
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class Probabilities(nn.Module):
+    """The model as served: uint8 images (N, 3, H, W) -> class probabilities (N, classes)."""
+
+    def __init__(self, model: LitModel):
+        super().__init__()
+        # The network and buffers, not the LightningModule itself, which tracing cannot walk (no Trainer).
+        self.net = model.net
+        self.register_buffer("scale", model.scale.clone())
+        self.register_buffer("shift", model.shift.clone())
+        self.tta = model.tta  # the checkpoint's test-time augmentation, as `predict` runs it
+
+    def forward(self, images: Tensor) -> Tensor:
+        return tta_logits(self.net, normalize(images, self.scale, self.shift), self.tta).softmax(dim=-1)
+
+
+def load_model(ckpt_path: Path) -> tuple[LitModel, list[str]]:
+    """The LitModel rebuilt from a checkpoint's hyperparameters and weights, in eval mode, and its class names."""
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters", {})
+    # Plain eager network: a compiled or channels_last one exports the same function, less simply.
+    model = LitModel.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True,
+                                          compile=False, channels_last=False)  # fmt: skip
+    classes = hparams.get("classes")
+    if not classes:  # a checkpoint from before class names were saved with the model
+        classes = [str(i) for i in range(hparams.get("num_classes", 10))]
+        print(f"note: {ckpt_path} holds no class names; the export names them {classes[0]}..{classes[-1]}",
+              file=sys.stderr)  # fmt: skip
+    return model.eval(), list(classes)
+
+
+def export_checkpoint(ckpt_path: str | None, format: str = "onnx", output: str | None = None) -> Path:
+    """Export the model of `ckpt_path` to `output` (default: beside the checkpoint); returns the path written."""
+    if not ckpt_path:
+        raise UserError("export needs a checkpoint: --ckpt_path best, last or a .ckpt path")
+    if format not in FORMATS:
+        raise UserError(f"--format {format} is not one of {', '.join(FORMATS)}")
+    ckpt_path = Path(ckpt_path)
+    path = Path(output) if output else ckpt_path.with_suffix(FORMATS[format])
+    if path.exists():
+        raise UserError(f"{path} already exists: choose another --output or move it away")
+    model, classes = load_model(ckpt_path)
+    net_args = model.hparams.get("net", {}).get("init_args", {}) if isinstance(model.hparams.get("net"), dict) else {}
+    size = net_args.get("image_size", 32)
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    served = Probabilities(model).eval().requires_grad_(False)  # inference only: outputs need no grad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")  # renamed at the end: never a half-written model file
+    try:
+        with torch.no_grad():
+            (export_onnx if format == "onnx" else export_torchscript)(served, example, classes, temporary)
+        if path.exists():  # appeared while we exported
+            raise UserError(f"{path} already exists: choose another --output or move it away")
+        temporary.rename(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    print(f"Exported {ckpt_path} as {format} to {path}: uint8 images (N, 3, {size}, {size}) -> probabilities "
+          f"(N, {len(classes)}), classes {classes}")  # fmt: skip
+    return path
+
+
+def export_onnx(model: nn.Module, example: Tensor, classes: list[str], path: Path) -> None:
+    try:
+        import onnx  # optional: only ONNX export needs it
+    except ImportError as error:
+        raise UserError('ONNX export needs the onnx package: pip install -e ".[export]"') from error
+
+    # The TorchScript-based exporter: needs no onnxscript and gives a plain graph with a dynamic batch axis.
+    torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["probabilities"],
+                      dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}}, dynamo=False)  # fmt: skip
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"classes": json.dumps(classes)})
+    onnx.save(proto, str(path))
+
+
+def export_torchscript(model: nn.Module, example: Tensor, classes: list[str], path: Path) -> None:
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; torch.jit.load still reads it
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        traced = torch.jit.trace(model, example)  # the forward has no data-dependent branches: tracing is exact
+        torch.jit.save(traced, str(path), _extra_files={"classes.json": json.dumps(classes)})
+

@@ -1,0 +1,61 @@
+"""export: a checkpoint as ONNX and TorchScript that map uint8 images to the LitModel's probabilities."""
+
+import json
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+from conftest import CLASSES, CONFIG, FAST, run_cli
+
+from cifar.cli import main
+from cifar.module import LitModel
+
+
+@pytest.fixture
+def fitted(folder_data: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A fit of one epoch in tmp_path (the working directory); returns its best checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
+             "--trainer.max_epochs", "1"], tmp_path)  # fmt: skip
+    return next(p for p in (tmp_path / "runs" / "cifar").glob("*-fit/checkpoints/*.ckpt") if p.name != "last.ckpt")
+
+
+def export(*args: str) -> None:
+    main(["export", "--config", CONFIG, *args])  # in-process: the same CLI, without a second start-up
+
+
+def test_onnx_and_torchscript_give_the_checkpoints_probabilities_and_class_names(fitted: Path, tmp_path: Path):
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # 5: not the batch size traced with
+    model = LitModel.load_from_checkpoint(fitted, map_location="cpu", weights_only=True).eval()
+    with torch.no_grad():
+        expected = model(images).softmax(dim=-1).numpy()
+
+    export("--ckpt_path", "best", "--format", "onnx", "--output", "out/model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    (probs,) = session.run(None, {"images": images.numpy()})
+    assert probs == pytest.approx(expected, abs=1e-5)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == CLASSES
+
+    export("--ckpt_path", str(fitted), "--format", "torchscript", "--output", "out/model.pt")
+    extra = {"classes.json": ""}
+    scripted = torch.jit.load(str(tmp_path / "out" / "model.pt"), _extra_files=extra)
+    assert scripted(images).numpy() == pytest.approx(expected, abs=1e-5)
+    assert json.loads(extra["classes.json"]) == CLASSES
+
+
+def test_export_mistakes_end_in_one_error_line(fitted: Path, tmp_path: Path, capsys):
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            export(*args)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return next(line for line in err.splitlines() if line.startswith("error: "))
+
+    (tmp_path / "taken.onnx").write_text("keep me")
+    assert "taken.onnx already exists" in error("--ckpt_path", "best", "--output", "taken.onnx")
+    assert (tmp_path / "taken.onnx").read_text() == "keep me"
+    assert "format" in error("--ckpt_path", "best", "--format", "tflite")
+    assert "does not exist" in error("--ckpt_path", "nowhere.ckpt")
+    assert "needs a checkpoint" in error()
