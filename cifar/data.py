@@ -139,7 +139,8 @@ class CIFAR10DataModule(LightningDataModule):
         translate: Shift each training image by up to this many pixels in x and y (reflected border), on the
             device; 0: off.
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
-            180 MB of uint8), so batches are gathered and augmented there and never cross the bus.
+            180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
+            `num_workers` 0 only: worker processes cannot index GPU memory).
     """
 
     def __init__(
@@ -206,7 +207,7 @@ class CIFAR10DataModule(LightningDataModule):
         elif not hasattr(self, "train_dataset"):
             self._split()
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        if self.data_on_device and device.type != "cpu":
+        if self.data_on_device and device.type != "cpu" and self.num_workers == 0:  # workers cannot touch GPU memory
             for name in ("train_dataset", "val_dataset", "test_dataset"):
                 if hasattr(self, name):
                     dataset = getattr(self, name)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIG, FAST, run_cli
+from conftest import CLASSES, CONFIG, FAST, run_cli
 
 import wandb_records
 from cifar.cli import cluster_job_name
@@ -100,7 +100,17 @@ def test_ddp_fit_on_two_cpu_processes_one_run_same_metrics(folder_data: Path, tm
         assert runs["ddp"][key] == pytest.approx(runs["single"][key], rel=1e-6), (key, runs)
     assert runs["ddp"]["val_loss"] == pytest.approx(min(val_loss), rel=1e-6)  # what fit logged for that epoch
 
-    # test afterwards, in one process, from the DDP run's best checkpoint.
-    result = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path, env=env)
-    assert f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}" in result.stderr
-    assert len(list((tmp_path / "runs" / "cifar").iterdir())) == 4  # fit, 2 x validate, test: nothing shared
+    # test from the DDP run's best checkpoint, in 2 processes and in 1: the same overall and per-class
+    # accuracy (TestReport sums the ranks' confusion matrices; 12 test images = 2 x 6, no padding).
+    tests = {}
+    for name, extra in (("ddp", ddp), ("single", [])):
+        result = run_cli(["test", *common, *extra, *logger, "--trainer.logger.name", name, "--ckpt_path", "best"],
+                         tmp_path, env=env)  # fmt: skip
+        assert f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}" in result.stderr
+        metrics = only((tmp_path / "runs" / "cifar").glob(f"*-test/{name}/version_0/metrics.csv"))
+        assert (metrics.parents[2] / "confusion_matrix.png").is_file()
+        tests[name] = {k: float(v) for row in csv.DictReader(metrics.open()) for k, v in row.items() if v}
+    assert {f"test_acc/{c}" for c in CLASSES} < tests["ddp"].keys() == tests["single"].keys()
+    for key in tests["ddp"]:
+        assert tests["ddp"][key] == pytest.approx(tests["single"][key], rel=1e-6), (key, tests)
+    assert len(list((tmp_path / "runs" / "cifar").iterdir())) == 5  # fit, 2 x validate, 2 x test: nothing shared

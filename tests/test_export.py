@@ -9,7 +9,9 @@ import torch
 from conftest import CLASSES, CONFIG, FAST, run_cli
 
 from cifar.cli import main
+from cifar.export import Probabilities, export_onnx, export_torchscript
 from cifar.module import LitModel
+from cifar.nets import AirbenchNet
 
 
 @pytest.fixture
@@ -59,3 +61,21 @@ def test_export_mistakes_end_in_one_error_line(fitted: Path, tmp_path: Path, cap
     assert "format" in error("--ckpt_path", "best", "--format", "tflite")
     assert "does not exist" in error("--ckpt_path", "nowhere.ckpt")
     assert "needs a checkpoint" in error()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_bakes_in_the_models_test_time_augmentation(fmt: str, tmp_path: Path):
+    """A model whose `tta` is 2 (6 views) exports as the same function `predict` computes."""
+    model = LitModel(net=AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model.evaluate(images).softmax(dim=-1).numpy()
+        assert not expected == pytest.approx(model(images).softmax(dim=-1).numpy(), abs=1e-5)  # TTA changes them
+        served = Probabilities(model).eval().requires_grad_(False)
+        path = tmp_path / f"model.{fmt}"
+        (export_onnx if fmt == "onnx" else export_torchscript)(served, images[:2], CLASSES, path)
+    if fmt == "onnx":
+        (probs,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": images.numpy()})
+    else:
+        probs = torch.jit.load(str(path))(images).numpy()
+    assert probs == pytest.approx(expected, abs=1e-5)
