@@ -187,3 +187,26 @@ def test_data_moves_to_the_accelerator_once(folder_data):
     off.trainer = dm.trainer
     off.setup("fit")
     assert off.train_dataset.images.device.type == "cpu"
+
+
+def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    """The hot path (batch augmentation, forward, metric updates, backward, Muon step) and an evaluation
+    step with TTA: any `.item()`, `.tolist()` or `if tensor:` there would be a GPU sync every step."""
+    model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2)
+    dm = CIFAR10DataModule("unused", flip="random", translate=2)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=1)
+    optimizer = Muon(model.parameters(), lr=0.1, bias_lr=0.1, head_lr=0.1)
+    batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))
+
+    def sync(*args):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    loss, _ = model._step(dm.on_after_batch_transfer(batch, 0), "train")
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model._step(batch, "val")
+    monkeypatch.undo()
+    assert model.train_acc.compute().item() >= 0 and model.val_loss.compute().item() > 0
