@@ -171,3 +171,34 @@ def test_log_model_offline_says_why_it_is_off_and_trains(folder_data: Path, tmp_
     run = only((tmp_path / "runs" / "cifar").glob("*-fit"))
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert "log_model: true" in (run / "config.yaml").read_text()  # the user's config, as given
+
+
+FREED_MEMORY_PROBE = """
+import sys, torch
+from cifar.cli import keep_freed_memory
+applied = keep_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20  # MB
+for _ in range(3):
+    block = torch.ones(2**26)  # 256 MB, past glibc's largest mmap threshold (32 MB)
+    held = rss()
+    del block
+print(applied, held - rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc (Linux)")
+@pytest.mark.parametrize("environ", [{}, {"MALLOC_ARENA_MAX": "2"}], ids=["default", "user_malloc_settings"])
+def test_freed_memory_is_kept_for_the_next_step_unless_the_user_tuned_malloc(environ, monkeypatch):
+    """Under glibc, a freed 256 MB block stays in the process (the next step reuses it) rather than being
+    unmapped and faulted in again; the user's own MALLOC_* settings are left alone."""
+    import subprocess
+    import sys
+
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    done = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], capture_output=True, text=True, check=True)
+    applied, released = done.stdout.split()
+    if environ:
+        assert (applied, int(released) > 200) == ("False", True)  # glibc's default: unmapped on free
+    else:
+        assert (applied, int(released) < 50) == ("True", True)
