@@ -288,8 +288,8 @@ def keep_freed_memory() -> bool:
 
     By default it maps every block over 32 MB fresh and unmaps it on free; at batch 2000 an activation is
     ~260 MB, so each CPU training step faulted in and zeroed gigabytes of new pages: `configs/fast.yaml`
-    spent 18% of its CPU time in the kernel. Kept, they are reused: steps ~20% faster on the CPU (see
-    bench/RESULTS.md), for a peak RSS ~10% higher. Not on other C libraries, nor over the user's own
+    spent 18% of its CPU time in the kernel. Kept, they are reused: steps 3.8 s instead of 4.9-5.7 s on
+    2 CPU cores (bench/RESULTS.md), for a peak RSS 10-20% higher. Not on other C libraries, nor over the user's own
     GLIBC_TUNABLES / MALLOC_* settings. Returns whether it was applied.
     """
     if sys.platform != "linux" or any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ):
