@@ -1,5 +1,5 @@
 """Callbacks declared in the YAML config: validation images with their predictions, a report at the end of
-`test`, a CSV of predictions, and parameters that train for the first epochs only."""
+`test`, and a CSV of predictions."""
 
 import csv
 from itertools import product
@@ -229,24 +229,3 @@ class PredictionCSVWriter(BasePredictionWriter):
                 writer.writerow([str(file), classes[label], f"{conf:.6f}", *[f"{p:.6f}" for p in row]])
         rank_zero_info(f"Predictions for {len(files)} images written to {path}")
 
-
-class FreezeAfter(Callback):
-    """Trains the named parameters for the first `epochs` epochs only, then holds them fixed
-    (airbench: the whitening layer's bias, 3 epochs). Decided at the start of every epoch, so a resumed
-    run freezes them too.
-
-    Args:
-        names: Parameter names in the LightningModule, e.g. `net.whiten.bias`.
-        epochs: Number of epochs they train for.
-    """
-
-    def __init__(self, names: list[str], epochs: int):
-        super().__init__()
-        self.names, self.epochs = names, epochs
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        for name in self.names:
-            if name not in params:
-                raise UserError(f"FreezeAfter: the model has no parameter {name!r} (it has e.g. {next(iter(params))!r})")
-            params[name].requires_grad_(trainer.current_epoch < self.epochs)

@@ -1,9 +1,6 @@
-"""`--ckpt_path best|last` in a new process: find the checkpoint on disk, since "best" lived in fit's memory.
+"""Checkpoints written whole or not at all, and read without running any code they may carry.
 
-The rule: every run writes its checkpoints to `<trainer.default_root_dir>/<run>/checkpoints/`. The
-most recent run is the one whose checkpoint directory holds the most recently written `.ckpt`.
-`last` is its `last.ckpt`; `best` is the `best_model_path` that its first ModelCheckpoint recorded in
-that newest checkpoint (Lightning saves the callback's state in every checkpoint it writes).
+Which checkpoint `--ckpt_path best|last` means is the run module's business (`cifar/runs.py`).
 """
 
 import os
@@ -40,15 +37,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-def latest_run_checkpoints(root: Path) -> list[Path]:
-    """Checkpoints of the most recent run under `root`, newest first."""
-    runs = [d for d in root.glob("*/checkpoints") if any(d.glob("*.ckpt"))]
-    if not runs:
-        return []
-    newest = max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.ckpt")))
-    return sorted(newest.glob("*.ckpt"), key=lambda f: f.stat().st_mtime, reverse=True)
-
-
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint with `weights_only=True` (no code in it can run), or fail with a clear message."""
     if not path.is_file():
@@ -62,36 +50,3 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
     return checkpoint
 
-
-def recorded_best_path(checkpoint: dict) -> str | None:
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and state.get("best_model_path"):
-            return state["best_model_path"]
-    return None
-
-
-def resolve_checkpoint(ckpt_path: str, root: Path) -> Path:
-    """The checkpoint file meant by `ckpt_path`: 'best', 'last' (see the module's rule) or a path, checked."""
-    if ckpt_path not in ("best", "last"):
-        path = Path(ckpt_path)
-        load_checkpoint(path)
-        return path
-    checkpoints = latest_run_checkpoints(root)
-    if not checkpoints:
-        raise UserError(f"--ckpt_path {ckpt_path}: no checkpoints under {root}/*/checkpoints/. Run fit with this "
-                        f"config first, or pass the path of a .ckpt file")  # fmt: skip
-    directory = checkpoints[0].parent
-    if ckpt_path == "last":
-        path = directory / "last.ckpt"
-        if not path.exists():
-            raise UserError(f"--ckpt_path last: the latest run, {directory}, has no last.ckpt (set "
-                            f"save_last: true on ModelCheckpoint); pass a checkpoint path instead")  # fmt: skip
-        load_checkpoint(path)
-        return path
-    best = recorded_best_path(load_checkpoint(checkpoints[0]))
-    if best is None:
-        raise UserError(f"--ckpt_path best: {checkpoints[0]} records no best checkpoint (ModelCheckpoint needs "
-                        f"a monitor); use --ckpt_path last or a path")  # fmt: skip
-    path = directory / Path(best).name  # by name, so a moved or copied runs folder still resolves
-    load_checkpoint(path)
-    return path

@@ -76,15 +76,20 @@ class ResumableLoader(DataLoader):
     the loader's count of batches handed out runs ahead of it, since Lightning fetches one batch early.
     Under DDP the ranks step in lockstep, so the count rank 0 saves is every rank's place in its own shard
     (resuming mid-epoch needs the same number of ranks; at an epoch's end any number will do).
+
+    The sampler's seed goes in too: a run resumed without the same `--seed_everything` keeps the saved
+    run's epoch orders.
     """
 
     trained_batches: Callable[[], int] = staticmethod(lambda: 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "samples": self.trained_batches() * self.batch_size}
+        return {"epoch": self.sampler.epoch, "samples": self.trained_batches() * self.batch_size,
+                "seed": self.sampler.seed}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.skip = (state["epoch"], state["samples"])
+        self.sampler.seed = state.get("seed", self.sampler.seed)  # older checkpoints have none: this run's
 
 
 def reflect(index: Tensor, size: int) -> Tensor:
@@ -134,8 +139,9 @@ class CIFAR10DataModule(LightningDataModule):
         skip_bad_images: Skip (and count) files in image folders that are not readable images, instead of
             stopping with an error that names the first one.
         flip: Horizontal flips of training batches on the device: `random` flips each image with probability
-            1/2; `alternating` flips a random half once, then every image in every odd epoch, so each image
-            is seen both ways in two epochs (airbench); `none`.
+            1/2; `alternating` flips a half once (drawn with `seed`, so the same in every process and on
+            resume), then every image in every odd epoch, so each image is seen both ways in two epochs
+            (airbench); `none`.
         translate: Shift each training image by up to this many pixels in x and y (reflected border), on the
             device; 0: off.
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
@@ -233,11 +239,14 @@ class CIFAR10DataModule(LightningDataModule):
         n_test = 0 if self.test_size is None else count(self.test_size, n, "test_size")
         n_val = count(self.val_size, n - n_test, "val_size")
         # A fixed generator: the same seed gives the same split in fit, and in test run later elsewhere.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(n, generator=generator)
         test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
         self.train_dataset = TensorBatches(images[train], labels[train])
         if self.flip == "alternating":  # a random half starts mirrored; on_after_batch_transfer flips odd epochs
-            mirrored = torch.rand(len(train), generator=torch.Generator().manual_seed(torch.initial_seed())) < 0.5
+            # Drawn next from the split's generator, not the run's seed: every DDP rank, and a resumed run
+            # whatever its --seed_everything, mirrors the same half.
+            mirrored = torch.rand(len(train), generator=generator) < 0.5
             self.train_dataset.images[mirrored] = self.train_dataset.images[mirrored].flip(-1)
         self.val_dataset = TensorBatches(images[val], labels[val])
         self.test_dataset = TensorBatches(images[test], labels[test])  # used only when test_size is set
@@ -279,7 +288,8 @@ class CIFAR10DataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Seeded by the run's seed (seed_everything), not the split seed: new runs, new orders. Rank 0's seed,
-        # since ranks started by torchrun or srun each draw their own when none is configured.
+        # since ranks started by torchrun or srun each draw their own when none is configured. A resumed run
+        # then takes the checkpoint's (ResumableLoader.load_state_dict).
         seed, world, rank = torch.initial_seed(), 1, 0
         if self.trainer is not None:
             seed = self.trainer.strategy.broadcast(seed)

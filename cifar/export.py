@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from cifar.checkpoints import load_checkpoint
 from cifar.errors import UserError
 from cifar.module import LitModel, normalize, tta_logits
+from cifar.runs import resolve_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -52,10 +53,29 @@ def load_model(ckpt_path: Path) -> tuple[LitModel, list[str]]:
     return model.eval(), list(classes)
 
 
-def export_checkpoint(ckpt_path: str | None, format: str = "onnx", output: str | None = None) -> Path:
+def export(
+    ckpt_path: str,
+    format: Literal["onnx", "torchscript"] = "onnx",
+    output: str | None = None,
+    root: str = "runs/cifar",
+) -> Path:
+    """Export a checkpoint's model for serving: uint8 images in, class probabilities out, class names inside.
+
+    Args:
+        ckpt_path: The checkpoint: `best` or `last` (of the latest run under `root`), or a .ckpt path.
+        format: `onnx` (for onnxruntime and most servers) or `torchscript` (for `torch.jit.load`).
+        output: The file to write (default: beside the checkpoint, `.onnx` or `.pt`); never overwritten.
+        root: Where `best` and `last` look: the `trainer.default_root_dir` of the config that trained it
+            (runs/cifar for configs/cifar.yaml, runs/fast for configs/fast.yaml).
+    """
+    resolved = resolve_checkpoint(ckpt_path, Path(root))
+    if ckpt_path in ("best", "last"):
+        print(f"--ckpt_path {ckpt_path}: {resolved} (the latest run under {root})", file=sys.stderr)
+    return export_checkpoint(resolved, format, output)
+
+
+def export_checkpoint(ckpt_path: Path, format: str = "onnx", output: str | None = None) -> Path:
     """Export the model of `ckpt_path` to `output` (default: beside the checkpoint); returns the path written."""
-    if not ckpt_path:
-        raise UserError("export needs a checkpoint: --ckpt_path best, last or a .ckpt path")
     if format not in FORMATS:
         raise UserError(f"--format {format} is not one of {', '.join(FORMATS)}")
     ckpt_path = Path(ckpt_path)

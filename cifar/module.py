@@ -5,6 +5,8 @@ torchmetrics per stage (the tutorial shared one Accuracy object across stages, m
 and the optimizer. The network itself arrives ready-made from the config (`model.net`).
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar.errors import UserError
 from cifar.nets import TutorialCNN
 
 
@@ -61,6 +64,9 @@ class LitModel(LightningModule):
         compile: Compile the network with `torch.compile` (slower start, faster steps where it helps).
         classes: Class names, index = label (linked from `data.classes`): saved in checkpoints, so that
             `export` and servers can name the model's outputs without the data.
+        freeze_after: Parameters that train for the first epochs only: name in this module (e.g.
+            `net.whiten.bias`) -> epochs. Each gets its own optimizer group whose learning rate decays linearly
+            to 0 over those epochs, then stays 0 (airbench's schedule for its whitening bias); null: none.
     """
 
     def __init__(
@@ -76,11 +82,20 @@ class LitModel(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         classes: list[str] | None = None,
+        freeze_after: dict[str, int] | None = None,
     ):
         super().__init__()
-        # Under LightningCLI, `net` and `optimizer` are stored as their class_path/init_args dicts,
-        # so checkpoints hold no pickled objects and `load_from_checkpoint` can rebuild the net.
-        self.save_hyperparameters()
+        # Under LightningCLI, `net`, `optimizer` and `scheduler` are stored as their class_path/init_args dicts,
+        # so checkpoints hold no pickled objects and `load_from_checkpoint` can rebuild the net. Built in Python,
+        # they are the objects themselves, which `torch.load(weights_only=True)` refuses (and a lambda may not
+        # pickle at all): those are left out, as Lightning advises for modules (hence its warning is muted), and
+        # `load_from_checkpoint(path, net=...)` passes them back.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        objects = [k for k in ("net", "optimizer", "scheduler") if not isinstance(self.hparams.get(k), dict | None)]
+        if objects:
+            self.save_hyperparameters(ignore=objects)  # again: also out of `hparams_initial`, which loggers get
         self.net = net
         self.optimizer, self.scheduler = optimizer, scheduler
         self.label_smoothing = label_smoothing
@@ -91,6 +106,13 @@ class LitModel(LightningModule):
         self.net.to(memory_format=self.memory_format)
         if compile:
             self.net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain net
+        self.freeze_after = freeze_after or {}
+        names = [name for name, _ in self.named_parameters()]
+        for name, epochs in self.freeze_after.items():
+            if name not in names:
+                raise UserError(f"freeze_after: the model has no parameter {name!r} (it has e.g. {names[0]!r})")
+            if epochs < 1:
+                raise UserError(f"freeze_after: {name!r} must train for at least 1 epoch, not {epochs}")
         # Folded into one multiply-add on 0..255 pixels; not saved: they come from the config.
         self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
@@ -175,8 +197,24 @@ class LitModel(LightningModule):
             if "cuda" in checkpoint["rng_state"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["rng_state"]["cuda"])
 
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # A learning rate that reaches 0, not `requires_grad_(False)`: DDP needs the same parameters to get
+        # gradients every step (and lr 0 also stops momentum and weight decay from moving them). This runs before
+        # the batch's optimizer step, so it overrides whatever the scheduler set after the previous step.
+        progress = self.current_epoch + batch_idx / self.trainer.num_training_batches
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if "freeze_after" in group:
+                    group["lr"] = group["initial_lr"] * max(0.0, 1 - progress / group["freeze_after"])
+
     def configure_optimizers(self):
-        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
+        named = {name: p for name, p in self.named_parameters() if p.requires_grad or name in self.freeze_after}
+        groups = [{"params": [p for name, p in named.items() if name not in self.freeze_after]}]
+        groups += [{"params": [named[name]], "freeze_after": epochs} for name, epochs in self.freeze_after.items()]
+        optimizer = self.optimizer(groups)  # torch optimizers and Muon keep the extra "freeze_after" key
+        for group in optimizer.param_groups:
+            if "freeze_after" in group:
+                group.setdefault("initial_lr", group["lr"])  # its lr at epoch 0; LambdaLR reads the same key
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)

@@ -109,10 +109,6 @@ def hermetic_wandb(tmp_path: Path, monkeypatch) -> None:
     # subprocess would try to share, and Lightning's last seed, which a subprocess would adopt.
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    # What an in-process run exports for DDP ranks it may launch: removed after each test.
-    for name in ("CIFAR_RUN_DIR", "CIFAR_CKPT_PATH", "CIFAR_RUN_PID"):
-        monkeypatch.setenv(name, "")  # recorded as absent before the test, so removed again after it
-        monkeypatch.delenv(name)
 
 
 def cli_command(args: list[str], checksums: dict | None = None) -> list[str]:

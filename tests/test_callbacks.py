@@ -106,7 +106,7 @@ def test_without_wandb_the_app_trains_and_writes_its_pictures(logger, folder_dat
               "--trainer.logger", *logger]  # fmt: skip
     main(["fit", *common])
     main(["test", *common, "--ckpt_path", "last"])
-    fit, test = (only(Path("runs/cifar").glob(f"*-{stage}")) for stage in ("fit", "test"))
+    fit, test = (only(Path("runs/cifar").glob(f"*-{stage}-*")) for stage in ("fit", "test"))
     assert Image.open(only(fit.glob("val_examples/*.png"))).size == (8 * 150, 2 * (96 + 24))  # 12 val images
     assert Image.open(test / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images
     assert Image.open(test / "confusion_matrix.png").size[0] > 200

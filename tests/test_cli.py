@@ -1,12 +1,16 @@
 """The real CLI in subprocesses: fit -> test --ckpt_path best -> predict, in both data formats."""
 
 import csv
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, make_folder_data, make_official_data, run_cli
+from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, cli_command, cli_env, make_folder_data, make_official_data,
+                      run_cli)
 from PIL import Image
 
 import wandb_records
@@ -31,10 +35,13 @@ def only(paths) -> Path:
 def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     data_dir, checksums, classes = dataset
     common = ["--config", CONFIG, "--data.data_dir", str(data_dir), "--data.val_size", "12", *FAST]
-    run_cli(["fit", *common], tmp_path, checksums, env={"WANDB_API_KEY": SECRET})
+    # A user with an API key who chose offline mode (W&B's own WANDB_MODE decides).
+    run_cli(["fit", *common], tmp_path, checksums, env={"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"})
 
     # One run directory with the resolved config, both checkpoints, and the offline W&B run.
-    run = only((tmp_path / "runs" / "cifar").glob("*-fit"))
+    run = only((tmp_path / "runs" / "cifar").glob("*-fit-*"))
+    run_id = json.loads((run / "run.json").read_text())["id"]
+    assert run.name.endswith(f"-fit-{run_id}") and only(run.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
     assert "data_dir: " + str(data_dir) in (run / "config.yaml").read_text()
     checkpoints = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints
@@ -76,7 +83,7 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
 def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data: Path, tmp_path: Path):
     args = ["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST]
     run_cli(args, tmp_path)
-    run_file = only((tmp_path / "runs" / "cifar").glob("*-fit/wandb/offline-run-*/run-*.wandb"))
+    run_file = only((tmp_path / "runs" / "cifar").glob("*-fit-*/wandb/offline-run-*/run-*.wandb"))
     history = wandb_records.history(run_file)
 
     images = [row for row in history if "val/examples/captions" in row]
@@ -109,36 +116,59 @@ def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data
     assert config["config"]["trainer"]["callbacks"][2]["class_path"] == "cifar.callbacks.ImagePredictionLogger"
 
 
-def test_runs_never_collide_and_best_last_follow_the_latest_run(folder_data: Path, tmp_path: Path):
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST]
-    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
-    first = only((tmp_path / "runs" / "cifar").glob("*-fit"))
-    first_config = (first / "config.yaml").read_text()
-    first_checkpoints = sorted(p.name for p in (first / "checkpoints").iterdir())
-    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+def test_runs_started_together_never_collide_and_best_last_follow_the_latest_start(folder_data: Path, tmp_path: Path):
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
+              "--trainer.max_epochs", "1"]  # fmt: skip
+    # Two fits started in the same second: two directories, two W&B runs with random ids.
+    started = [subprocess.Popen(cli_command(["fit", *common]), cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    assert all(p.wait(timeout=300) == 0 for p in started), [p.stderr.read() for p in started]
+    runs = sorted((tmp_path / "runs" / "cifar").glob("*-fit-*"), key=lambda r: json.loads((r / "run.json").read_text())["starts"])
+    ids = [json.loads((r / "run.json").read_text())["id"] for r in runs]
+    assert len(runs) == 2 and ids[0] != ids[1] and all(len(i) == 8 for i in ids)
+    assert [only(r.glob("wandb/offline-run-*/run-*.wandb")).name for r in runs] == [f"run-{i}.wandb" for i in ids]
+    first_config = (runs[0] / "config.yaml").read_text()
 
-    second = only(p for p in (tmp_path / "runs" / "cifar").glob("*-fit") if p != first)
-    assert (first / "config.yaml").read_text() == first_config  # untouched by the second run
-    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == first_checkpoints
+    # best and last: the run that started last, whatever the file times say.
+    for checkpoint in (runs[0] / "checkpoints").glob("*.ckpt"):
+        os.utime(checkpoint, (4e9, 4e9))  # the earlier run's files touched, as a copy or a backup would
     validate = run_cli(["validate", *common, "--ckpt_path", "last"], tmp_path)
-    assert f"--ckpt_path last: runs/cifar/{second.name}/checkpoints/last.ckpt" in validate.stderr
+    assert f"--ckpt_path last: runs/cifar/{runs[1].name}/checkpoints/last.ckpt" in validate.stderr
     test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path)
-    assert f"--ckpt_path best: runs/cifar/{second.name}/checkpoints/epoch=0-" in test.stderr
-    assert (tmp_path / "runs" / "cifar").glob("*-test").__next__().joinpath("config.yaml").exists()
+    assert f"--ckpt_path best: runs/cifar/{runs[1].name}/checkpoints/epoch=0-" in test.stderr
+    assert (runs[0] / "config.yaml").read_text() == first_config  # untouched by the others
+    assert only((tmp_path / "runs" / "cifar").glob("*-test-*")).joinpath("config.yaml").exists()
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    from cifar.cli import new_run_dir
+def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: Path):
+    from cifar.runs import Run, latest_run
 
-    runs = [new_run_dir(tmp_path, "fit") for _ in range(3)]
-    assert len(set(runs)) == 3 and all(r.is_dir() and r.name.endswith("-fit") for r in runs)
-    assert sorted(runs) == runs  # names sort in the order the runs started
+    def run(name: str, starts: list[str] | None) -> Path:
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+        if starts:
+            (tmp_path / name / "run.json").write_text(json.dumps({"id": name[-8:], "command": "fit", "starts": starts}))
+        return tmp_path / name
+
+    old = run("20261101-120000-fit", None)  # before run.json: the time in its name
+    first = run("20261122-090000-fit-aaaaaaaa", ["2026-11-22T09:00:00.000001+00:00"])
+    resumed = run("20261122-080000-fit-bbbbbbbb", ["2026-11-22T08:00:00+00:00", "2026-11-22T10:00:00+02:00"])
+    assert latest_run(tmp_path) == first  # resumed's last start, 10:00 at UTC+2, is 08:00 UTC
+    (tmp_path / "20261122-110000-test-cccccccc").mkdir()  # no checkpoints: not a candidate
+    os.utime(old / "checkpoints" / "last.ckpt", (4e9, 4e9))
+    assert latest_run(tmp_path) == first
+    (resumed / "run.json").write_text(json.dumps({"id": "bbbbbbbb", "command": "fit",
+                                                  "starts": ["2026-11-22T08:00:00+00:00", "2026-11-23T00:00:00+00:00"]}))  # fmt: skip
+    assert latest_run(tmp_path) == resumed
+    a, b = Run.start("fit", tmp_path), Run.start("fit", tmp_path)  # within one second
+    assert a.id != b.id and a.dir != b.dir and a.dir.name.endswith(f"-fit-{a.id}")
+    assert Run.start("fit", tmp_path, str(first / "checkpoints" / "last.ckpt")).dir == first  # fit from a run's checkpoint resumes it
 
 
 def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
     """`test` logs per-class accuracy, a confusion matrix and the most confident mistakes, and writes two PNGs."""
     test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST], tmp_path)  # untrained
-    run = only((tmp_path / "runs" / "cifar").glob("*-test"))
+    run = only((tmp_path / "runs" / "cifar").glob("*-test-*"))
     assert f"Test report written to runs/cifar/{run.name}/confusion_matrix.png" in test.stderr
     assert Image.open(run / "confusion_matrix.png").size[0] > 200
     assert Image.open(run / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images, 8 a row
@@ -162,20 +192,25 @@ def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
     assert confidences == sorted(confidences, reverse=True)  # most confident first
 
 
-def test_log_model_offline_says_why_it_is_off_and_trains(folder_data: Path, tmp_path: Path):
+def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path):
     fit = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
                    "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model", "true"], tmp_path)  # fmt: skip
-    warnings = [line for line in fit.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1, fit.stderr
-    assert warnings[0].startswith("warning: log_model needs W&B online: checkpoints are not uploaded in offline mode")
-    run = only((tmp_path / "runs" / "cifar").glob("*-fit"))
-    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert "W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline" in fit.stderr
+    run = only((tmp_path / "runs" / "cifar").glob("*-fit-*"))
+    run_file = only(run.glob("wandb/offline-run-*/run-*.wandb"))
+    models = [paths for name, kind, paths in wandb_records.artifacts(run_file) if kind == "model"]
+    assert models and all(paths == ["model.ckpt"] for paths in models)  # uploaded by `wandb sync`
     assert "log_model: true" in (run / "config.yaml").read_text()  # the user's config, as given
+
+    # offline: true in the config wins, and Lightning's WandbLogger refuses log_model with it: one line.
+    refused = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST, "--trainer.logger.init_args.offline",
+                       "true", "--trainer.logger.init_args.log_model", "true"], tmp_path, check=False)  # fmt: skip
+    assert refused.returncode == 2 and "error: log_model with offline: true" in refused.stderr
 
 
 FREED_MEMORY_PROBE = """
 import sys, torch
-from cifar.cli import keep_freed_memory
+from cifar.malloc import keep_freed_memory
 applied = keep_freed_memory()
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20  # MB
 for _ in range(3):

@@ -49,10 +49,9 @@ def test_configs_cifar_yaml_is_what_the_readme_command_generates(tmp_path, capsy
 def test_configs_cifar_yaml_declares_logger_and_callbacks():
     config = yaml.safe_load(Path(CONFIG).read_text())
     assert config["trainer"]["logger"]["class_path"].endswith("WandbLogger")
-    assert config["trainer"]["logger"]["init_args"]["offline"] is True  # no account, no network: still works
+    assert "offline" not in config["trainer"]["logger"]["init_args"]  # W&B's own settings decide
     names = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
-    assert names == ["EarlyStopping", "ModelCheckpoint", "ImagePredictionLogger", "PredictionCSVWriter", "TestReport",
-                     "RichProgressBar", "RichModelSummary"]
+    assert names == ["EarlyStopping", "ModelCheckpoint", "ImagePredictionLogger", "PredictionCSVWriter", "TestReport"]
 
 
 def sweep_values(spec: dict) -> list:

@@ -17,7 +17,7 @@ from conftest import CLASSES, OFFICIAL_CLASSES, ROOT, make_official_data
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from cifar.data import CIFAR10DataModule
+from cifar.data import CIFAR10DataModule, EpochShuffle, ResumableLoader, keep_batch
 from cifar.errors import UserError
 
 
@@ -60,6 +60,53 @@ def test_split_sizes_counts_fractions_and_held_out_test(folder_data):
     assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (32, 10, 6)  # 0.25 of the 42 left after the test
     rows = lambda ds: {tuple(x.flatten()[:64].tolist()) for x in ds.images}  # noqa: E731
     assert not rows(dm.train_dataset) & rows(dm.val_dataset) and not rows(dm.val_dataset) & rows(dm.test_dataset)
+
+
+def test_alternating_flips_mirror_a_half_chosen_by_the_split_seed_alone(folder_data):
+    """The half that starts mirrored follows data.seed, not torch's global seed (seed_everything): every DDP
+    rank and a resumed run mirror the same images."""
+
+    def mirrored(seed: int, global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        flipped = CIFAR10DataModule(str(folder_data), val_size=12, seed=seed, flip="alternating")
+        plain = CIFAR10DataModule(str(folder_data), val_size=12, seed=seed)
+        flipped.setup("fit")
+        plain.setup("fit")
+        images, originals = flipped.train_dataset.images, plain.train_dataset.images
+        same = (images == originals).flatten(1).all(1)
+        assert (same | (images == originals.flip(-1)).flatten(1).all(1)).all()  # the same split, some mirrored
+        return ~same
+
+    mask = mirrored(seed=0, global_seed=1)
+    assert 0 < mask.sum() < len(mask)
+    assert torch.equal(mirrored(seed=0, global_seed=2), mask)
+    assert not torch.equal(mirrored(seed=1, global_seed=1), mask)
+
+
+def test_the_training_orders_seed_goes_into_the_loaders_state(folder_data):
+    """A loader built with another seed (a run resumed with another --seed_everything) takes the saved one's
+    seed from its state, and so its orders; an older state, without "seed", leaves the loader's own."""
+    dm = CIFAR10DataModule(str(folder_data), val_size=12)
+    dm.setup("fit")
+
+    def loader(seed: int, epoch: int = 2) -> ResumableLoader:
+        sampler = EpochShuffle(len(dm.train_dataset), seed)
+        loader = ResumableLoader(dm.train_dataset, batch_size=8, sampler=sampler, collate_fn=keep_batch)
+        loader.sampler.set_epoch(epoch)
+        return loader
+
+    images = lambda loader: torch.cat([batch for batch, _ in loader])  # noqa: E731
+    saved = loader(seed=1)
+    state = saved.state_dict()
+    assert state == {"epoch": 2, "samples": 0, "seed": 1}
+    resumed = loader(seed=2)
+    resumed.load_state_dict(state)
+    assert torch.equal(images(resumed), images(saved))
+    resumed.sampler.set_epoch(3)
+    assert torch.equal(images(resumed), images(loader(seed=1, epoch=3)))  # every later epoch too
+    old = loader(seed=2)
+    old.load_state_dict({"epoch": 2, "samples": 0})
+    assert old.sampler.seed == 2 and not torch.equal(images(old), images(saved))
 
 
 SPLIT_DIGEST = """

@@ -20,11 +20,11 @@ def fitted(folder_data: Path, tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
              "--trainer.max_epochs", "1"], tmp_path)  # fmt: skip
-    return next(p for p in (tmp_path / "runs" / "cifar").glob("*-fit/checkpoints/*.ckpt") if p.name != "last.ckpt")
+    return next(p for p in (tmp_path / "runs" / "cifar").glob("*-fit-*/checkpoints/*.ckpt") if p.name != "last.ckpt")
 
 
 def export(*args: str) -> None:
-    main(["export", "--config", CONFIG, *args])  # in-process: the same CLI, without a second start-up
+    main(["export", "--root", "runs/cifar", *args])  # in-process: the same CLI, without a second start-up
 
 
 def test_onnx_and_torchscript_give_the_checkpoints_probabilities_and_class_names(fitted: Path, tmp_path: Path):
@@ -60,7 +60,19 @@ def test_export_mistakes_end_in_one_error_line(fitted: Path, tmp_path: Path, cap
     assert (tmp_path / "taken.onnx").read_text() == "keep me"
     assert "format" in error("--ckpt_path", "best", "--format", "tflite")
     assert "does not exist" in error("--ckpt_path", "nowhere.ckpt")
-    assert "needs a checkpoint" in error()
+    assert "the following arguments are required: ckpt_path" in error()
+
+
+def test_export_is_a_plain_tool_with_its_own_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--help"])
+    assert stop.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(f"--{option}" in usage for option in ("ckpt_path", "format", "output", "root"))
+    assert not any(group in usage for group in ("--trainer", "--model", "--data", "--seed_everything"))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "tools: export (main.py export --help)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -1,5 +1,6 @@
 """Stopping a run (SIGTERM, Ctrl-C) saves a checkpoint, says so in the exit code, and resumes from it."""
 
+import json
 import signal
 import subprocess
 import time
@@ -30,13 +31,13 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, tmp_path):
               "--trainer.deterministic", "true"]  # fmt: skip
     process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000"]), cwd=tmp_path,
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    wait_for("runs/cifar/*-fit/checkpoints/last.ckpt", tmp_path)  # an epoch is done: training is under way
+    wait_for("runs/cifar/*-fit-*/checkpoints/last.ckpt", tmp_path)  # an epoch is done: training is under way
     time.sleep(1.0)
     process.send_signal(sig)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == code, output
 
-    run = next((tmp_path / "runs" / "cifar").glob("*-fit"))
+    run = next((tmp_path / "runs" / "cifar").glob("*-fit-*"))
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] > 0
     if sig != signal.SIGKILL:
@@ -51,7 +52,7 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, tmp_path):
     assert final["global_step"] == (saved["epoch"] + 2) * steps_per_epoch  # no step lost or counted twice
 
     run_cli(["fit", *common, "--trainer.max_epochs", epochs, "--trainer.default_root_dir", "straight"], tmp_path)
-    straight = torch.load(next((tmp_path / "straight").glob("*-fit/checkpoints/last.ckpt")), weights_only=True)
+    straight = torch.load(next((tmp_path / "straight").glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
     for name, tensor in straight["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -67,7 +68,7 @@ def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path
     main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "resumed"])
     main(["fit", *common, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
 
-    (straight,), (resumed,) = Path("straight").glob("*-fit"), Path("resumed").glob("*-fit")  # one run each
+    (straight,), (resumed,) = Path("straight").glob("*-fit-*"), Path("resumed").glob("*-fit-*")  # one run each
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 10)
@@ -106,7 +107,7 @@ def test_a_corrupt_newest_checkpoint_is_named_not_used(folder_data, tmp_path, ca
     common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
     main(["fit", *common, "--trainer.max_epochs", "1"])
-    last = next(Path("runs/cifar").glob("*-fit/checkpoints/last.ckpt"))
+    last = next(Path("runs/cifar").glob("*-fit-*/checkpoints/last.ckpt"))
     last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
     for ckpt in ("last", "best"):
         message = cli_error(["test", *common, "--ckpt_path", ckpt], capsys)
@@ -131,9 +132,35 @@ def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data,
               "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
     run_cli(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], tmp_path)
-    (run,) = (tmp_path / "runs" / "cifar").glob("*-fit")
+    (run,) = (tmp_path / "runs" / "cifar").glob("*-fit-*")
     parts = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(p.name.endswith(run.name) for p in parts)  # one W&B id: the run's name
+    run_id = json.loads((run / "run.json").read_text())["id"]
+    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)  # one W&B id, kept on resume
     dry_run = subprocess.run(["wandb", "sync", "--dry-run", str(run / "wandb")], capture_output=True, text=True,
                              cwd=tmp_path, env=cli_env({"WANDB_MODE": "offline"}), timeout=120)  # fmt: skip
     assert "Would sync 2 run(s)" in dry_run.stdout + dry_run.stderr
+
+
+def test_fast_recipe_resumed_without_its_seed_ends_with_the_same_weights(folder_data, tmp_path, monkeypatch):
+    """configs/fast.yaml (alternating flips, shifts, whitening bias stopped after 3 epochs) resumed with
+    `--ckpt_path last` and no `--seed_everything`: the seed-dependent parts (order, mirrored half, augmentation
+    draws) come from the run, so the weights equal an uninterrupted run's."""
+    from cifar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(Path(CONFIG).parent / "fast.yaml"), "--data.data_dir", str(folder_data),
+              "--data.val_size", "0", "--data.batch_size", "16", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--model.scheduler.init_args.total_steps", "12"]  # 4 epochs x 3 steps, whatever max_epochs says
+    main(["fit", *common, "--seed_everything", "7", "--trainer.max_epochs", "4", "--trainer.default_root_dir", "straight"])
+    main(["fit", *common, "--seed_everything", "7", "--trainer.max_epochs", "2", "--trainer.default_root_dir", "resumed"])
+    monkeypatch.delenv("PL_GLOBAL_SEED")  # Lightning keeps the last seed here: a new process would not have it
+    main(["fit", *common, "--trainer.max_epochs", "4", "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
+
+    (straight,), (resumed,) = Path("straight").glob("*-fit-*"), Path("resumed").glob("*-fit-*")
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (3, 12)
+    assert not torch.equal(a["state_dict"]["net.whiten.bias"], torch.zeros_like(a["state_dict"]["net.whiten.bias"]))
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,5 +1,6 @@
 """The fast recipe's parts (configs/fast.yaml), each on tiny data: nets, Muon, schedule, augmentation, TTA."""
 
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -7,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CLASSES, run_cli
+from lightning.pytorch import Callback, Trainer
 
 from cifar.cli import main
 from cifar.data import CIFAR10DataModule, translate
+from cifar.errors import UserError
 from cifar.module import LitModel
 from cifar.nets import AirbenchNet, TutorialCNN
 from cifar.optim import Muon, PiecewiseLinearLR, orthogonalize
@@ -100,6 +103,64 @@ def test_piecewise_linear_schedule():
         PiecewiseLinearLR(optimizer, points=[0, 0.5], values=[1, 0])
 
 
+class RecordFreeze(Callback):
+    """At each optimizer step: the learning rate of the `freeze_after` group and whether the whitening bias
+    has a gradient; after each epoch (and before the first): every parameter."""
+
+    def __init__(self):
+        self.lrs, self.has_grad, self.weights = [], [], []
+
+    def snapshot(self, pl_module) -> None:
+        self.weights.append({name: p.detach().clone() for name, p in pl_module.named_parameters()})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.snapshot(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        (group,) = [g for g in optimizer.param_groups if "freeze_after" in g]
+        self.lrs.append(group["lr"])
+        self.has_grad.append(pl_module.net.whiten.bias.grad is not None)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.snapshot(pl_module)
+
+
+def test_freeze_after_decays_the_learning_rate_to_zero_then_holds_the_parameter(folder_data):
+    """airbench's whitening bias: its own Muon (SGD) group, whose lr falls linearly to 0 over 2 epochs whatever
+    the scheduler does to the other groups, then stays 0; it keeps getting gradients (as DDP needs)."""
+    model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3,
+                     optimizer=partial(Muon, lr=0.05, bias_lr=0.05, head_lr=0.05), scheduler=PiecewiseLinearLR,
+                     freeze_after={"net.whiten.bias": 2})  # fmt: skip
+    record = RecordFreeze()
+    trainer = Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[record])  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(str(folder_data), val_size=12, batch_size=16))  # 36 images: 3 batches
+
+    expected = [0.05 * max(0.0, 1 - (epoch + batch / 3) / 2) for epoch in range(3) for batch in range(3)]
+    assert record.lrs == pytest.approx(expected) and record.lrs[6:] == [0.0] * 3
+    assert all(record.has_grad)
+    start, *after_epoch = record.weights
+    bias = "net.whiten.bias"
+    assert not torch.equal(start[bias], after_epoch[0][bias])  # trains in the first epochs
+    assert not torch.equal(after_epoch[0][bias], after_epoch[1][bias])
+    assert torch.equal(after_epoch[1][bias], after_epoch[2][bias])  # bit for bit: lr 0 moves nothing
+    assert not torch.equal(after_epoch[1]["net.head.weight"], after_epoch[2]["net.head.weight"])  # the rest trains
+
+    model = LitModel(TutorialCNN(num_classes=3), num_classes=3, freeze_after={"net.features.0.bias": 1})
+    groups = model.configure_optimizers().param_groups  # the default Adam keeps the extra key too
+    assert [(g.get("freeze_after"), g.get("initial_lr")) for g in groups] == [(None, None), (1, 2e-4)]
+    (frozen,) = groups[1]["params"]
+    assert frozen is model.net.features[0].bias and all(p is not frozen for p in groups[0]["params"])
+
+
+def test_freeze_after_names_a_parameter_of_the_model():
+    with pytest.raises(UserError, match=r"no parameter 'net.whiten.bais' \(it has e.g. 'net.whiten.weight'\)"):
+        LitModel(AirbenchNet(num_classes=3), num_classes=3, freeze_after={"net.whiten.bais": 3})
+    with pytest.raises(UserError, match="at least 1 epoch"):
+        LitModel(AirbenchNet(num_classes=3), num_classes=3, freeze_after={"net.whiten.bias": 0})
+
+
 def test_tta_averages_mirrored_and_shifted_views():
     model = LitModel(TutorialCNN(num_classes=3), num_classes=3, tta=2).eval()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -139,18 +200,20 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
           "--trainer.callbacks+", "ModelCheckpoint", "--trainer.callbacks.init_args.save_top_k", "-1",
           "--trainer.callbacks.init_args.monitor", "train_loss", "--trainer.callbacks.init_args.filename", "{epoch}",
           "--trainer.callbacks.init_args.save_on_train_epoch_end", "true"])  # fmt: skip
-    (run,) = Path("runs/fast").glob("*-fit")
+    (run,) = Path("runs/fast").glob("*-fit*")
     ckpt = {p.name: torch.load(p, weights_only=True) for p in (run / "checkpoints").glob("*.ckpt")}
     assert {"epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt", "epoch=3.ckpt", "last.ckpt"} <= set(ckpt)
     state = lambda name: ckpt[name]["state_dict"]  # noqa: E731
     whiten = state("last.ckpt")["net.whiten.weight"]
     assert whiten.abs().sum() > 0 and torch.equal(whiten, state("epoch=0.ckpt")["net.whiten.weight"])  # fixed
     bias = lambda name: state(name)["net.whiten.bias"]  # noqa: E731
-    assert not torch.equal(bias("epoch=1.ckpt"), bias("epoch=2.ckpt"))  # trained for 3 epochs (FreezeAfter)
+    assert not torch.equal(bias("epoch=1.ckpt"), bias("epoch=2.ckpt"))  # trained for 3 epochs (freeze_after)
     assert torch.equal(bias("epoch=2.ckpt"), bias("epoch=3.ckpt"))  # then fixed
     groups = ckpt["last.ckpt"]["optimizer_states"][0]["param_groups"]  # the config's values, not Adam's leftovers
-    assert [(g["kind"], g["initial_lr"]) for g in groups] == [("muon", 0.24), ("bias", 106.0), ("head", 1340.0)]
+    assert [(g["kind"], g["initial_lr"], g.get("freeze_after")) for g in groups] == [
+        ("muon", 0.24, None), ("bias", 106.0, None), ("head", 1340.0, None), ("bias", 106.0, 3)]  # fmt: skip
     assert groups[1]["weight_decay"] * 106.0 == pytest.approx(0.004)
+    assert ckpt["last.ckpt"]["hyper_parameters"]["freeze_after"] == {"net.whiten.bias": 3}
     schedule = ckpt["last.ckpt"]["lr_schedulers"][0]
     assert schedule["total_steps"] == ckpt["last.ckpt"]["global_step"] == 4 * 5  # 66 train images / 16 per batch
     assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the last step
@@ -165,7 +228,7 @@ def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(
               "--trainer.max_epochs", "1", "--model.net", "cifar.nets.TorchvisionNet"]  # fmt: skip
     main(["fit", *common, "--model.net.init_args.name", "resnet18",
           "--trainer.callbacks+", "lightning.pytorch.callbacks.EMAWeightAveraging"])  # fmt: skip
-    (run,) = Path("runs/cifar").glob("*-fit")
+    (run,) = Path("runs/cifar").glob("*-fit*")
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
     assert last["state_dict"]["net.model.fc.weight"].shape == (len(CLASSES), 512)  # num_classes linked

@@ -39,7 +39,7 @@ def test_same_seed_same_weights_and_metrics(folder_data, tmp_path, monkeypatch):
             "--trainer.logger", "false"]  # fmt: skip
     main(args)
     main(args)
-    runs = sorted(Path("runs/cifar").glob("*-fit"))
+    runs = sorted(Path("runs/cifar").glob("*-fit-*"))
     assert len(runs) == 2
     first, second = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in runs)
     for name, tensor in first["state_dict"].items():

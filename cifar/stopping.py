@@ -1,0 +1,70 @@
+"""Ctrl-C and SIGTERM stop `fit` at a batch boundary, with a checkpoint, in every process at the same step."""
+
+import os
+import signal
+import sys
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+class Stopped(SystemExit):
+    """Training stopped by a signal; exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell
+    reports a process the signal ended, so a scheduler knows the run did not finish."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class StopOnSignal(Callback):
+    """While training runs, the first Ctrl-C (SIGINT) or SIGTERM asks the run to stop; it stops before the next
+    training batch, on every rank at the same batch: ModelCheckpoint's `save_on_exception` saves the state
+    after the last finished batch, and the process exits with `Stopped`. A second Ctrl-C stops at once.
+
+    It replaces Lightning's own SIGTERM handler for the length of training (Lightning puts the earlier
+    handlers back after the run): under DDP that handler calls a collective from inside the signal handler
+    and lets each rank stop at its own batch, so a rank waits forever in a collective the others never join
+    (Ctrl-C on a 2-process fit: both processes still alive 80 s later). Here a signal only sets a flag, and
+    the ranks agree on it at the start of each batch (one all-reduce of a flag per step, with DDP only).
+    """
+
+    def __init__(self):
+        self.requested: int | None = None  # the signal this process received
+        self.stopped: Stopped | None = None
+        self.trainer: Trainer | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.trainer = trainer
+        for signum in NAMES:
+            signal.signal(signum, self.on_signal)
+
+    def on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:  # the second Ctrl-C: now
+            if self.trainer is not None and self.trainer.world_size > 1:
+                # Any unwinding would run collectives the other ranks may never join: leave at once.
+                print("Ctrl-C again: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(130)
+            raise KeyboardInterrupt
+        if self.requested is None:
+            self.requested = signum
+            again = " (Ctrl-C again: stop now)" if signum == signal.SIGINT else ""
+            rank_zero_info(f"{NAMES[signum]}: stopping after this batch and saving a checkpoint{again}")
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        # Here, not after the batch: Lightning counts a batch as done (which a resume skips) only after its
+        # on_train_batch_end hooks and learning-rate step have run.
+        stop = self.requested is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)  # a signal to any rank stops them all
+        if stop:
+            self.stopped = Stopped(self.requested or signal.SIGTERM)
+            raise self.stopped
+
+    def report(self) -> str:
+        """One line: what stopped the run and where its checkpoint is."""
+        saved = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path]
+        where = f"checkpoint saved to {saved[0]}; resume with --ckpt_path last" if saved else "no checkpoint saved"
+        return f"stopped by {NAMES[self.stopped.signum]} before the run finished: {where}"

@@ -1,0 +1,34 @@
+"""LitModel and CIFAR10DataModule used from Python with a plain Trainer, not the CLI: the checkpoint holds no
+pickled objects, reloads with the network passed back, and the CLI can test it."""
+
+import torch
+from conftest import CONFIG, run_cli
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cifar.data import CIFAR10DataModule
+from cifar.module import LitModel
+from cifar.nets import TutorialCNN
+
+
+def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data, tmp_path):
+    model = LitModel(net=TutorialCNN(num_classes=3), num_classes=3)  # and the default optimizer, a lambda
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints")
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[checkpoint])
+    data = CIFAR10DataModule(str(folder_data), val_size=12, batch_size=8)
+    trainer.fit(model, data)
+    path = checkpoint.best_model_path
+
+    saved = torch.load(path, weights_only=True)  # what the app loads with: no code can run
+    hparams = saved["hyper_parameters"]
+    assert not {"net", "optimizer"} & set(hparams) and hparams["scheduler"] is None and hparams["num_classes"] == 3
+
+    loaded = LitModel.load_from_checkpoint(path, net=TutorialCNN(num_classes=3), weights_only=True)
+    images = data.val_dataset.images[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), model.eval()(images))
+
+    test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(path)],
+                   tmp_path)  # fmt: skip
+    assert "test_acc" in test.stdout
