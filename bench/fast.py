@@ -33,7 +33,7 @@ def run(seed: int, data: str, extra: list[str]) -> dict:
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"seed {seed} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        (metrics,) = Path(root).glob("*-fit/**/metrics.csv")
+        (metrics,) = Path(root).glob("*-fit-*/**/metrics.csv")
         rows = [row for row in csv.DictReader(metrics.open()) if row.get("val_acc")]
     return {"seconds": seconds, "val_acc": float(rows[-1]["val_acc"]), "epochs": int(rows[-1]["epoch"]) + 1}
 

@@ -20,6 +20,9 @@ import wandb_records
 from cifar.data import EpochShuffle
 
 
+TWO_CORES = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores
+
+
 def only(paths) -> Path:
     paths = list(paths)
     assert len(paths) == 1, paths
@@ -47,17 +50,27 @@ def csv_metrics(path: Path) -> dict[str, float]:
     return {k: float(v) for row in rows for k, v in row.items() if v and k.startswith("val_")}
 
 
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 main.py ARGS`, each rank on one core."""
+    command = ["torchrun", "--standalone", "--nproc-per-node", "2", str(ROOT / "main.py"), *args]
+    done = subprocess.run(command, cwd=cwd, env=cli_env(TWO_CORES), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 @pytest.mark.slow
-def test_ddp_fit_on_two_cpu_processes_one_run_same_metrics(folder_data: Path, tmp_path: Path):
+def test_ddp_fit_by_torchrun_one_run_same_metrics_by_any_launcher(folder_data: Path, tmp_path: Path):
+    """fit with torchrun; validate and test from its best checkpoint with Lightning's launcher, torchrun and
+    one process: one run directory each, the same checkpoint on every rank, the same metrics."""
     # 48 images: 16 val, 32 train. 16 = 2 ranks x batch 8: DistributedSampler pads no sample twice into the
     # val set, so DDP's synced val metrics are over exactly the images a 1-process run sees.
     common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "16", *FAST,
               "--seed_everything", "0", "--trainer.accelerator", "cpu"]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    env = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores
-    run_cli(["fit", *common, *ddp], tmp_path, env=env)
+    env = TWO_CORES
+    torchrun(["fit", *common, *ddp], tmp_path)
 
-    # One run directory, one config, one W&B run whose id is the directory's name, checkpoints by rank 0.
+    # One run directory, one config, one W&B run whose id ends the directory's name, checkpoints by rank 0.
     run = only((tmp_path / "runs" / "cifar").iterdir())
     assert (run / "config.yaml").is_file() and not list(run.glob("config-*.yaml"))
     run_id = json.loads((run / "run.json").read_text())["id"]
@@ -92,9 +105,9 @@ def test_ddp_fit_on_two_cpu_processes_one_run_same_metrics(folder_data: Path, tm
     # accuracy (TestReport sums the ranks' confusion matrices; 12 test images = 2 x 6, no padding).
     tests = {}
     for name, extra in (("ddp", ddp), ("single", [])):
-        result = run_cli(["test", *common, *extra, *logger, "--trainer.logger.name", name, "--ckpt_path", "best"],
-                         tmp_path, env=env)  # fmt: skip
-        assert f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}" in result.stderr
+        args = ["test", *common, *extra, *logger, "--trainer.logger.name", name, "--ckpt_path", "best"]
+        result = torchrun(args, tmp_path) if extra else run_cli(args, tmp_path, env=env)
+        assert result.stderr.count(f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}") == 1  # rank 0
         metrics = only((tmp_path / "runs" / "cifar").glob(f"*-test-*/{name}/version_0/metrics.csv"))
         assert (metrics.parents[2] / "confusion_matrix.png").is_file()
         tests[name] = {k: float(v) for row in csv.DictReader(metrics.open()) for k, v in row.items() if v}
@@ -105,10 +118,9 @@ def test_ddp_fit_on_two_cpu_processes_one_run_same_metrics(folder_data: Path, tm
 
 
 FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
-TWO_CORES = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores
 
 
-def test_metrics(result: subprocess.CompletedProcess) -> dict[str, float]:
+def printed_test_metrics(result: subprocess.CompletedProcess) -> dict[str, float]:
     """The numbers of the table `test` prints (test_acc, test_loss, test_acc/<class>)."""
     return {k: float(v) for k, v in re.findall(r"│\s*(test_[\w/]+)\s*│\s*([0-9.]+)\s*│", result.stdout)}
 
@@ -130,34 +142,11 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
         run_cli(["fit", *common, *root, *extra], tmp_path, env=TWO_CORES)
         last = torch.load(only((tmp_path / "runs" / name).glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
         assert (last["epoch"], last["global_step"]) == (3, 4 * 3)  # 48 images / 16 per step, 4 epochs
-        tests[name] = test_metrics(run_cli(["test", *common, *root, "--data.batch_size", "16", "--ckpt_path", "last"],
+        tests[name] = printed_test_metrics(run_cli(["test", *common, *root, "--data.batch_size", "16", "--ckpt_path", "last"],
                                            tmp_path, env=TWO_CORES))  # fmt: skip
     assert tests["ddp"].keys() == tests["single"].keys() >= {"test_acc", "test_loss"}
     assert tests["ddp"]["test_acc"] == pytest.approx(tests["single"]["test_acc"], abs=0.1)  # 12 test images
     assert tests["ddp"]["test_loss"] == pytest.approx(tests["single"]["test_loss"], abs=0.15)  # 0.27 vs 0.35 seen
-
-
-@pytest.mark.slow
-def test_torchrun_fit_then_test_one_run_each(folder_data: Path, tmp_path: Path):
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "16", *FAST,
-              "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
-    torchrun = ["torchrun", "--standalone", "--nproc-per-node", "2", str(ROOT / "main.py")]
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([*torchrun, *args], cwd=tmp_path, env=cli_env(TWO_CORES), capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done
-
-    run("fit", *common)
-    fit = only((tmp_path / "runs" / "cifar").iterdir())  # one run for both ranks
-    run_id = json.loads((fit / "run.json").read_text())["id"]
-    assert only(fit.glob("wandb/offline-run-*/run-*.wandb")).name == f"run-{run_id}.wandb"
-    assert {p.name for p in (fit / "checkpoints").glob("*.ckpt")} >= {"last.ckpt"}
-    test = run("test", *common, "--ckpt_path", "best")
-    assert test.stderr.count(f"--ckpt_path best: runs/cifar/{fit.name}/checkpoints/epoch=") == 1  # said once
-    assert "test_acc" in test_metrics(test)
-    assert len(list((tmp_path / "runs" / "cifar").iterdir())) == 2  # fit and test
 
 
 @pytest.mark.slow
