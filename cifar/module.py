@@ -6,6 +6,7 @@ and the optimizer. The network itself arrives ready-made from the config (`model
 """
 
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,12 @@ class LitModel(LightningModule):
         classes: Class names, index = label (linked from `data.classes`): saved in checkpoints, so that
             `export` and servers can name the model's outputs without the data.
         freeze_after: Parameters that train for the first epochs only: name in this module (e.g.
-            `net.whiten.bias`) -> epochs. Each gets its own optimizer group whose learning rate decays linearly
-            to 0 over those epochs, then stays 0 (airbench's schedule for its whitening bias); null: none.
+            `net.whiten.bias`) -> epochs. Each gets its own optimizer group, whose learning rate goes to 0 after
+            those epochs, as `freeze_schedule` says; null: none.
+        freeze_schedule: How `freeze_after` groups reach learning rate 0: `step` trains them at the optimizer's
+            and scheduler's rate for their epochs, then at 0; `linear` takes their rate linearly from the
+            optimizer's initial one to 0 over their epochs, whatever the scheduler does (airbench94_muon's
+            whitening bias).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class LitModel(LightningModule):
         compile: bool = False,
         classes: list[str] | None = None,
         freeze_after: dict[str, int] | None = None,
+        freeze_schedule: Literal["step", "linear"] = "step",
     ):
         super().__init__()
         # Under LightningCLI, `net`, `optimizer` and `scheduler` are stored as their class_path/init_args dicts,
@@ -106,7 +112,7 @@ class LitModel(LightningModule):
         self.net.to(memory_format=self.memory_format)
         if compile:
             self.net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain net
-        self.freeze_after = freeze_after or {}
+        self.freeze_after, self.freeze_schedule = freeze_after or {}, freeze_schedule
         names = [name for name, _ in self.named_parameters()]
         for name, epochs in self.freeze_after.items():
             if name not in names:
@@ -201,11 +207,15 @@ class LitModel(LightningModule):
         # A learning rate that reaches 0, not `requires_grad_(False)`: DDP needs the same parameters to get
         # gradients every step (and lr 0 also stops momentum and weight decay from moving them). This runs before
         # the batch's optimizer step, so it overrides whatever the scheduler set after the previous step.
-        progress = self.current_epoch + batch_idx / self.trainer.num_training_batches
+        progress = self.current_epoch + batch_idx / self.trainer.num_training_batches  # in epochs
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
-                if "freeze_after" in group:
+                if "freeze_after" not in group:
+                    continue
+                if self.freeze_schedule == "linear":
                     group["lr"] = group["initial_lr"] * max(0.0, 1 - progress / group["freeze_after"])
+                elif progress >= group["freeze_after"]:  # step: the scheduler's rate until then
+                    group["lr"] = 0.0
 
     def configure_optimizers(self):
         named = {name: p for name, p in self.named_parameters() if p.requires_grad or name in self.freeze_after}

@@ -125,19 +125,24 @@ class RecordFreeze(Callback):
         self.snapshot(pl_module)
 
 
-def test_freeze_after_decays_the_learning_rate_to_zero_then_holds_the_parameter(folder_data):
-    """airbench's whitening bias: its own Muon (SGD) group, whose lr falls linearly to 0 over 2 epochs whatever
-    the scheduler does to the other groups, then stays 0; it keeps getting gradients (as DDP needs)."""
+@pytest.mark.parametrize("schedule", ["step", "linear"])
+def test_freeze_after_takes_the_learning_rate_to_zero_then_holds_the_parameter(schedule, folder_data):
+    """airbench's whitening bias: its own Muon (SGD) group, trained for 2 epochs, at the scheduler's rate (step)
+    or at a rate falling linearly to 0 whatever the scheduler does (linear), then at 0; it keeps getting
+    gradients (as DDP needs)."""
     model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3,
                      optimizer=partial(Muon, lr=0.05, bias_lr=0.05, head_lr=0.05), scheduler=PiecewiseLinearLR,
-                     freeze_after={"net.whiten.bias": 2})  # fmt: skip
+                     freeze_after={"net.whiten.bias": 2}, freeze_schedule=schedule)  # fmt: skip
     record = RecordFreeze()
     trainer = Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[record])  # fmt: skip
     trainer.fit(model, CIFAR10DataModule(str(folder_data), val_size=12, batch_size=16))  # 36 images: 3 batches
 
-    expected = [0.05 * max(0.0, 1 - (epoch + batch / 3) / 2) for epoch in range(3) for batch in range(3)]
+    if schedule == "linear":
+        expected = [0.05 * max(0.0, 1 - (epoch + batch / 3) / 2) for epoch in range(3) for batch in range(3)]
+    else:  # PiecewiseLinearLR's decay from 1 to 0 over the 9 steps, then 0 from the third epoch
+        expected = [0.05 * (1 - step / 9) if step < 6 else 0.0 for step in range(9)]
     assert record.lrs == pytest.approx(expected) and record.lrs[6:] == [0.0] * 3
     assert all(record.has_grad)
     start, *after_epoch = record.weights
