@@ -12,7 +12,6 @@ import wandb.errors
 from jsonargparse import ArgumentError, auto_cli
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar.data import CIFAR10DataModule
@@ -42,11 +41,7 @@ class CifarCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "")
         if config is not None and config.get("ckpt_path"):
-            root = Path(config.trainer.default_root_dir)
-            resolved = resolve_checkpoint(config.ckpt_path, root)
-            if config.ckpt_path in ("best", "last"):
-                rank_zero_info(f"--ckpt_path {config.ckpt_path}: {resolved} (the latest run under {root})")
-            config.ckpt_path = str(resolved)
+            config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir)))
 
     def before_instantiate_classes(self) -> None:
         """The run directory hook: this command's run, its paths in the config, and W&B online or offline."""

@@ -68,10 +68,7 @@ def export(
         root: Where `best` and `last` look: the `trainer.default_root_dir` of the config that trained it
             (runs/cifar for configs/cifar.yaml, runs/fast for configs/fast.yaml).
     """
-    resolved = resolve_checkpoint(ckpt_path, Path(root))
-    if ckpt_path in ("best", "last"):
-        print(f"--ckpt_path {ckpt_path}: {resolved} (the latest run under {root})", file=sys.stderr)
-    return export_checkpoint(resolved, format, output)
+    return export_checkpoint(resolve_checkpoint(ckpt_path, Path(root)), format, output)
 
 
 def export_checkpoint(ckpt_path: Path, format: str = "onnx", output: str | None = None) -> Path:

@@ -23,6 +23,7 @@ The rules:
    by rules 4-5 from the same files; set-up checks that all ranks chose rank 0's file.
 """
 
+import importlib
 import json
 import os
 import tempfile
@@ -36,6 +37,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from wandb.sdk.lib.runid import generate_id
 
 from cifar.checkpoints import load_checkpoint
@@ -157,10 +159,18 @@ def latest_run(root: Path) -> Path | None:
 
 
 def resolve_checkpoint(ckpt_path: str, root: Path) -> Path:
-    """The checkpoint file meant by `ckpt_path`: `best`, `last` (rules 4-5) or a path; checked to be loadable."""
+    """The checkpoint file meant by `ckpt_path`: `best`, `last` (rules 4-5, and says which file) or a path;
+    checked to be loadable."""
     if ckpt_path not in ("best", "last"):
         load_checkpoint(Path(ckpt_path))
         return Path(ckpt_path)
+    path = latest_checkpoint(ckpt_path, root)
+    rank_zero_info(f"--ckpt_path {ckpt_path}: {path} (the latest run under {root})")
+    return path
+
+
+def latest_checkpoint(ckpt_path: str, root: Path) -> Path:
+    """The latest run's `best` or `last` checkpoint (rules 4-5), checked to be loadable."""
     run = latest_run(root)
     if run is None:
         raise UserError(f"--ckpt_path {ckpt_path}: no checkpoints under {root}/*/checkpoints/. Run fit with this "
@@ -189,7 +199,7 @@ def resolve_checkpoint(ckpt_path: str, root: Path) -> Path:
 
 def class_of(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+    return getattr(importlib.import_module(module), name)
 
 
 def entries(value) -> list[Namespace]:

@@ -19,13 +19,13 @@ def offline_without_a_key(init_args) -> None:
     `wandb offline` / `wandb online`, then online. Online needs an API key (`wandb login` or WANDB_API_KEY);
     with none configured, this sets the logger's `mode` (an argument of `wandb.init`) to offline.
     """
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)  # before wandb.setup() reads the environment
     if init_args.get("offline") and init_args.get("log_model"):  # WandbLogger refuses the pair, in a traceback
         raise UserError("log_model with offline: true: Lightning's WandbLogger refuses to log checkpoints offline. Drop "
                         "offline (with no API key configured the run logs offline anyway, checkpoints included, for "
                         "`wandb sync`) or log_model")  # fmt: skip
     if init_args.get("offline") or init_args.get("mode"):
         return
-    os.environ.setdefault("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)  # before wandb.setup() reads the environment
     if (os.environ.get("WANDB_MODE") or wandb.setup().settings.mode) != "online":
         return
     if not wandb.login(prompt=False, verify=False):
