@@ -2,6 +2,8 @@
 `test`, and a CSV of predictions."""
 
 import csv
+import json
+import textwrap
 from itertools import product
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from cifar.errors import UserError
+from cifar.provenance import OVERLAPS
+from cifar.runs import fit_run_of
 
 
 class ImagePredictionLogger(Callback):
@@ -97,13 +101,16 @@ def captioned_grid(images: Tensor, captions: list[str], correct: list[bool], col
 
 
 class TestReport(Callback):
-    """At the end of `test`: confusion matrix, per-class accuracy and the most confidently wrong test images.
+    """At the end of `test`: confusion matrix, per-class accuracy and the most confidently wrong test images,
+    traced to the checkpoint, its fit run and the images evaluated.
 
     Per-class accuracy goes to every logger as `test_acc/<class>`. W&B also gets the confusion matrix
     (`test/confusion_matrix`) and a table of the `num_mistakes` most confident mistakes (`test/mistakes`,
     the columns of `val/predictions`). With any logger, or none, the run directory gets
-    `confusion_matrix.png` and `test_examples.png` (the first `num_samples` test images, captioned
-    green when right, red when wrong).
+    `confusion_matrix.png` (titled with the checkpoint, its fit run and the data), `test_examples.png` (the
+    first `num_samples` test images, captioned green when right, red when wrong) and `test_report.json`:
+    the metrics, the checkpoint, its fit run, the data evaluated and how many of its images trained the
+    checkpoint (`overlap`; null when the checkpoint has no record of its training data).
 
     It reads the logits `LitModel.test_step` returns and keeps, on the model's device, only the
     probabilities and labels (a few bytes an image) and the images it will show. With several
@@ -166,25 +173,50 @@ class TestReport(Callback):
                     logger.log_table("test/mistakes", *prediction_rows(*self.mistakes, classes), step=step)
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        confusion_figure(confusion, classes).savefig(run_dir / "confusion_matrix.png", dpi=100)
+        confusion_figure(confusion, classes, self.provenance(trainer)).savefig(run_dir / "confusion_matrix.png", dpi=100)
         images = torch.cat(self.samples).cpu()
         preds, labels = preds[: len(images)].cpu(), labels[: len(images)].cpu()
         captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
         captioned_grid(images, captions, correct=(preds == labels).tolist()).save(run_dir / "test_examples.png")
-        rank_zero_info(f"Test report written to {run_dir / 'confusion_matrix.png'} and {run_dir / 'test_examples.png'}")
+
+    def provenance(self, trainer: Trainer) -> dict:
+        """The checkpoint tested, its fit run, and the data evaluated (`CIFAR10DataModule.evaluation`)."""
+        evaluation = getattr(trainer.datamodule, "evaluation", None) or {}
+        ckpt_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        return {"checkpoint": ckpt_path, "fit_run": fit_run_of(ckpt_path) if ckpt_path else None,
+                "data": evaluation.get("data"), "overlap": evaluation.get("overlap"), "note": evaluation.get("note")}  # fmt: skip
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (trainer.is_global_zero and getattr(self, "probs", None)):
+            return
+        run_dir = Path(trainer.default_root_dir)
+        metrics = {name: value.item() for name, value in trainer.callback_metrics.items()}
+        report = {**self.provenance(trainer), "metrics": metrics}
+        (run_dir / "test_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        rank_zero_info(f"Test report written to {run_dir / 'test_report.json'}, {run_dir / 'confusion_matrix.png'} "
+                       f"and {run_dir / 'test_examples.png'}")  # fmt: skip
 
 
-def confusion_figure(confusion: Tensor, classes: list[str]):
-    """A matplotlib Figure: the confusion matrix as a heatmap with the counts written in the cells."""
+def confusion_figure(confusion: Tensor, classes: list[str], provenance: dict | None = None):
+    """A matplotlib Figure: the confusion matrix as a heatmap with the counts written in the cells, titled with
+    the checkpoint, its fit run and the data (`TestReport.provenance`)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     n = len(classes)
-    figure = Figure(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n), layout="constrained")
+    width = max(6.0, 2 + 0.6 * n)  # inches: room for the title and the provenance lines
+    figure = Figure(figsize=(width, 2.2 + 0.6 * n), layout="constrained")
     axes = figure.subplots()
     heatmap = axes.imshow(confusion.numpy(), cmap="Blues")
     axes.set_xticks(range(n), classes, rotation=45, ha="right")
     axes.set_yticks(range(n), classes)
     axes.set(xlabel="prediction", ylabel="label", title=f"Test confusion matrix ({int(confusion.sum())} images)")
+    if provenance and provenance["checkpoint"]:
+        lines = [f"checkpoint {Path(provenance['checkpoint']).name} of run {provenance['fit_run'] or 'unknown'}",
+                 f"data: {provenance['data']}"]  # fmt: skip
+        if provenance["overlap"]:
+            lines.append(f"{OVERLAPS.upper()}: {provenance['overlap']} images")
+        text = "\n".join(textwrap.fill(line, width=int(17 * width)) for line in lines)  # ~17 characters an inch at 7 pt
+        figure.suptitle(text, fontsize=7, color="red" if provenance["overlap"] else "black")
     dark = confusion.max().item() / 2
     for row, column in product(range(n), range(n)):
         count = confusion[row, column].item()

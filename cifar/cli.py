@@ -1,7 +1,8 @@
 """The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, plain
 typed functions for the tools (export), and every mistake a user can make as one line with exit code 2.
 
-What a run writes and where, its W&B id, and `--ckpt_path best|last` follow the rules in `cifar/runs.py`.
+What a run writes and where, its W&B id, and `--ckpt_path best|last` follow the rules in `cifar/runs.py`;
+which images a checkpoint is evaluated on, those in `cifar/provenance.py`.
 """
 
 import sys
@@ -19,6 +20,7 @@ from cifar.errors import UserError
 from cifar.export import export
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
+from cifar.provenance import adopt_split, given_on_command_line
 from cifar.runs import Run, RunSaver, class_of, entries, resolve_checkpoint
 from cifar.stopping import Stopped, StopOnSignal
 from cifar.wandb_mode import offline_without_a_key
@@ -39,13 +41,17 @@ class CifarCLI(LightningCLI):
         """Parse, then turn `--ckpt_path best|last` into a file, before LightningCLI reads the checkpoint's
         hyperparameters (so `test` rebuilds the network that was trained)."""
         super().parse_arguments(parser, args)
+        self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
         config = self.config.get(self.config.get("subcommand") or "")
         if config is not None and config.get("ckpt_path"):
             config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir)))
 
     def before_instantiate_classes(self) -> None:
-        """The run directory hook: this command's run, its paths in the config, and W&B online or offline."""
+        """The run directory hook: this command's run, its paths in the config, W&B online or offline, and the
+        split of the checkpoint's data (cifar/provenance.py, rule 1)."""
         config = self.config[self.subcommand]
+        if config.ckpt_path and self.subcommand in ("fit", "validate", "test"):
+            adopt_split(config.data, config.ckpt_path, given_on_command_line(self.argv), self.subcommand)
         run = Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
         self.save_config_kwargs = {"run": run, "user_config": config.clone()}  # for RunSaver
         run.configure(config)

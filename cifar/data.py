@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from cifar import datasets
+from cifar import datasets, provenance
 from cifar.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -114,14 +114,6 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
-def count(size: int | float, total: int, name: str) -> int:
-    """A size given as a count (int) or a fraction of `total` (float in [0, 1))."""
-    n = round(size * total) if isinstance(size, float) else size
-    if not (0 <= n < total) or (isinstance(size, float) and not 0 <= size < 1):
-        raise UserError(f"--data.{name}={size} is out of range: give a count in [0, {total}) or a fraction in [0, 1)")
-    return n
-
-
 class CIFAR10DataModule(LightningDataModule):
     """CIFAR-10 from the official python release or from image folders, held in memory as uint8.
 
@@ -132,6 +124,8 @@ class CIFAR10DataModule(LightningDataModule):
         val_size: Validation images held out of the training set: a count, or a fraction in [0, 1).
         test_size: Test images held out of the training set instead of using the data's test split
             (for data without one, like a train-only image folder): a count, a fraction, or null.
+            With a checkpoint (validate, test, resumed fit), `seed`, `val_size` and `test_size` are the
+            checkpoint's, for the data it trained on, unless set on the command line (cifar/provenance.py).
         num_workers: DataLoader worker processes; 0 is right for in-memory tensors.
         seed: Seed of the train/val/test split: the same seed gives the same split in every process.
         download: Download the official release into `data_dir` when no data is there.
@@ -147,6 +141,8 @@ class CIFAR10DataModule(LightningDataModule):
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
+        allow_overlap: Evaluate a checkpoint even on images it trained on (a split other than its own);
+            the results are then marked "overlaps training data". Without it, that is an error.
     """
 
     def __init__(
@@ -163,6 +159,7 @@ class CIFAR10DataModule(LightningDataModule):
         flip: Literal["none", "random", "alternating"] = "none",
         translate: int = 0,
         data_on_device: bool = True,
+        allow_overlap: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -175,7 +172,11 @@ class CIFAR10DataModule(LightningDataModule):
         self.predict_dir = Path(predict_dir) if predict_dir else None
         self.skip_bad_images = skip_bad_images
         self.flip, self.translate, self.data_on_device = flip, translate, data_on_device
+        self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
+        self.sources: dict[str, dict] = {}  # "train"/"test": datasets.source() of each split read
+        self.loaded_record: list[dict] | None = None  # the training record of the checkpoint restored
+        self.evaluation: dict | None = None  # what validate/test evaluated, checked against the checkpoint
 
     @property
     def format(self) -> str | None:
@@ -204,11 +205,13 @@ class CIFAR10DataModule(LightningDataModule):
             datasets.download_official(self.data_dir)
 
     def setup(self, stage: str) -> None:
+        self.loaded_record = self.evaluation = None  # each trainer call restores and checks its own checkpoint
         if stage == "predict":
             self.predict_dataset = self._read_predict_dir()
             return
         if stage == "test" and self.test_size is None:  # the data's own test split: no need to read train
             self.test_dataset = TensorBatches(*self._read_split(train=False))
+            self.test_index = torch.arange(len(self.test_dataset))
             rank_zero_info(f"Data: {self.describe()}: {len(self.test_dataset)} test images")
         elif not hasattr(self, "train_dataset"):
             self._split()
@@ -224,24 +227,29 @@ class CIFAR10DataModule(LightningDataModule):
         return f"{kind} in {self.data_dir}, {self.num_classes} classes"
 
     def _read_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """A split's images and labels; its source (with fingerprint) goes to `self.sources`."""
+        split = "train" if train else "test"
         if self.format == "official":
             images, labels, _ = datasets.read_official(self.data_dir, train)
+            self.sources[split] = datasets.source(self.data_dir, split, images=len(images))
             return images, labels
-        split_dir = self.data_dir / ("train" if train else "test")
+        split_dir = self.data_dir / split
         if not split_dir.is_dir():
             raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ "
                             f"folders there, or hold out part of the training images with --data.test_size 5000")
-        return datasets.read_folder(split_dir, self.classes, self.skip_bad_images)
+        images, labels, files = datasets.read_folder(split_dir, self.classes, self.skip_bad_images)
+        self.sources[split] = datasets.source(self.data_dir, split, files=files)
+        return images, labels
 
     def _split(self) -> None:
         images, labels = self._read_split(train=True)
-        n = len(images)
-        n_test = 0 if self.test_size is None else count(self.test_size, n, "test_size")
-        n_val = count(self.val_size, n - n_test, "val_size")
         # A fixed generator: the same seed gives the same split in fit, and in test run later elsewhere.
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(n, generator=generator)
-        test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+        train, val, test = provenance.split_indices(len(images), generator, self.val_size, self.test_size)
+        self.val_index, self.test_index = val, test  # into the training pool: what validate and test evaluate
+        self.split = {"seed": self.seed, "val_size": self.val_size, "test_size": self.test_size,
+                      "train": len(train), "val": len(val), "test": len(test)}  # fmt: skip
+        self.held_out = torch.cat([val, test]).sort().values.int()  # never trained on
         self.train_dataset = TensorBatches(images[train], labels[train])
         if self.flip == "alternating":  # a random half starts mirrored; on_after_batch_transfer flips odd epochs
             # Drawn next from the split's generator, not the run's seed: every DDP rank, and a resumed run
@@ -250,8 +258,45 @@ class CIFAR10DataModule(LightningDataModule):
             self.train_dataset.images[mirrored] = self.train_dataset.images[mirrored].flip(-1)
         self.val_dataset = TensorBatches(images[val], labels[val])
         self.test_dataset = TensorBatches(images[test], labels[test])  # used only when test_size is set
-        held_out = f", {n_test} test (held out)" if self.test_size is not None else ""
-        rank_zero_info(f"Data: {self.describe()}: {len(train)} train, {n_val} val{held_out} (split seed {self.seed})")
+        held_out = f", {len(test)} test (held out)" if self.test_size is not None else ""
+        rank_zero_info(f"Data: {self.describe()}: {len(train)} train, {len(val)} val{held_out} (split seed {self.seed})")
+
+    def state_dict(self) -> dict:
+        """What fit trained on, for every checkpoint (cifar/provenance.py): the restored checkpoint's record, and
+        this fit's split if it differs."""
+        if not hasattr(self, "split"):  # no training pool was read (not fit)
+            return {}
+        entry = {"source": self.sources["train"], "split": self.split, "held_out": self.held_out}
+        record = list(self.loaded_record or [])
+        last = record[-1] if record else None
+        same_data = last and last["source"]["fingerprint"] == entry["source"]["fingerprint"]
+        if not (same_data and torch.equal(last["held_out"], entry["held_out"])):  # a resumed fit on another split
+            record.append(entry)
+        return {"trained_on": record}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint is being restored (fit, validate, test): check what this command evaluates against it."""
+        self.loaded_record = state.get("trained_on")
+        self.check_evaluation()
+
+    def check_evaluation(self) -> None:
+        """Once per command with a checkpoint: the images it evaluates against what the checkpoint trained on
+        (rules 2-4 of cifar/provenance.py), said in one line, kept in `self.evaluation`."""
+        ckpt_path = self.trainer.ckpt_path if self.trainer else None
+        if self.evaluation is not None or not ckpt_path or self.trainer.state.fn == "predict":
+            return
+        if self.trainer.state.fn == "test" and self.test_size is None:
+            source, index, split = self.sources["test"], self.test_index, None
+        else:  # fit's and validate's validation images; test's held-out test images
+            index = self.test_index if self.trainer.state.fn == "test" else self.val_index
+            source, split = self.sources["train"], {k: self.split[k] for k in provenance.SPLIT_OPTIONS}
+        what = "test" if self.trainer.state.fn == "test" else "validation"
+        self.evaluation = provenance.check(source, index, what, split, self.loaded_record, ckpt_path, self.allow_overlap)
+        rank_zero_info(f"Evaluating {self.evaluation['data']}: {self.evaluation['note']}")
+
+    def teardown(self, stage: str) -> None:
+        if self.evaluation and self.evaluation["overlap"]:  # after Lightning's table of results
+            rank_zero_info(f"The results above: {self.evaluation['note']}")
 
     def _read_predict_dir(self) -> TensorBatches:
         if self.predict_dir is None:
@@ -300,9 +345,11 @@ class CIFAR10DataModule(LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
+        self.check_evaluation()  # a checkpoint with no record: load_state_dict was not called
         return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
+        self.check_evaluation()
         return self._loader(self.test_dataset)
 
     def predict_dataloader(self) -> DataLoader:

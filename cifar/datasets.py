@@ -6,6 +6,8 @@ Formats under `data_dir`:
 - an image-folder tree, `train/<class>/*.png|jpg` and optionally `test/<class>/*`, classes in sorted order.
 """
 
+import hashlib
+import os
 import pickle
 import socket
 from pathlib import Path
@@ -75,6 +77,42 @@ def verify_official(data_dir: Path, train: bool) -> None:
                             f"modified); delete {path.parent} and download again (--data.download true)")  # fmt: skip
 
 
+def source(data_dir: Path, split: str, files: list[Path] | None = None, images: int | None = None) -> dict | None:
+    """Where a split's images come from, as a checkpoint records it (plain types): format, split, path, number of
+    images read (`images`; None when not read) and a fingerprint, or None when `data_dir` holds no such split.
+
+    The fingerprint is cheap and independent of where the data lives: for image folders, a SHA-256 of the
+    sorted image file paths relative to the split's folder, with their sizes (`files`: that listing, when
+    already made); for the official release, of the official MD5s of the split's batches (read only after
+    checking them). Two copies of the same data have the same fingerprint; a folder with one file more or less
+    does not. The same files read alike give the same images in the same order (unreadable ones skipped).
+    """
+    digest = hashlib.sha256()
+    if detect_format(data_dir) == "official":
+        path = data_dir / OFFICIAL_DIR
+        batches = CIFAR10.train_list if split == "train" else CIFAR10.test_list
+        for name, md5 in batches:
+            digest.update(f"{name}\t{md5}\n".encode())
+    else:
+        path = data_dir / split
+        if not path.is_dir():
+            return None
+        if files is None:
+            files = [f for name in folder_classes(path) for f in image_files(path / name, strict=False, quiet=True)]
+        for file in files:
+            digest.update(f"{file.relative_to(path).as_posix()}\t{os.stat(file).st_size}\n".encode())
+        images = len(files) if images is None else images
+    return {"format": detect_format(data_dir), "split": split, "path": str(path.resolve()), "images": images,
+            "fingerprint": digest.hexdigest()[:16]}  # fmt: skip
+
+
+def describe_source(source: dict) -> str:
+    """'image folders in /data/train (50000 images, fingerprint 51a0c7f568ef28c5)'."""
+    kind = f"official CIFAR-10 {source['split']} batches" if source["format"] == "official" else "image folders"
+    count = f"{source['images']} images, " if source.get("images") is not None else ""
+    return f"{kind} in {source['path']} ({count}fingerprint {source['fingerprint']})"
+
+
 def read_official(data_dir: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
     """(images uint8 (N, 3, 32, 32), labels int64 (N,), class names) of one split of the official release."""
     verify_official(data_dir, train)
@@ -100,8 +138,8 @@ def folder_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> tuple[Tensor, Tensor]:
-    """(images, labels) of an image-folder split whose class folders must match `classes`.
+def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> tuple[Tensor, Tensor, list[Path]]:
+    """(images, labels, image files listed) of an image-folder split whose class folders must match `classes`.
 
     A file that is not a readable PNG/JPEG image is an error naming it, or, with `skip_bad`, skipped and counted.
     """
@@ -121,20 +159,20 @@ def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> 
         labels = [label for path, label in zip(paths, labels) if path not in bad]
     if not labels:
         raise UserError(f"no readable images in the class folders of {split_dir}")
-    return images, torch.tensor(labels, dtype=torch.long)
+    return images, torch.tensor(labels, dtype=torch.long), paths
 
 
-def image_files(folder: Path, strict: bool) -> list[Path]:
+def image_files(folder: Path, strict: bool, quiet: bool = False) -> list[Path]:
     """Sorted image files of a folder (recursively); hidden files are ignored.
 
-    Other files are an error when `strict` and skipped with a note otherwise.
+    Other files are an error when `strict` and skipped with a note (unless `quiet`) otherwise.
     """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others and strict:
         raise UserError(f"{others[0]} is not a PNG or JPEG image ({len(others)} such file(s) in {folder}); "
                         f"move non-image files out of the data folders, or pass --data.skip_bad_images true")  # fmt: skip
-    if others:
+    if others and not quiet:
         print(f"skipping {len(others)} non-image file(s) in {folder}, e.g. {others[0].name}")
     return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 

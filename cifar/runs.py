@@ -6,8 +6,10 @@ The rules:
    `trainer.default_root_dir` (the *root*, e.g. `runs/cifar`): `<root>/<YYYYmmdd-HHMMSS>-<command>-<id>/`.
    `<id>` is 8 random characters from W&B's own id generator and is the run's W&B id, so two runs
    started in the same second, on one machine or on two, never share a directory or a W&B run.
-2. The directory holds `run.json`, the app's record of the run: its id, its command and the times it
-   started (local time with its UTC offset; a resumed fit adds one).
+2. The directory holds `run.json`, the app's record of the run: its id, its command, the times it
+   started (local time with its UTC offset; a resumed fit adds one), and its data: what fit trained on
+   (`trained_on`), or what validate and test evaluated, with the checkpoint and its fit run (`evaluated`,
+   also in the loggers' config and W&B's summary). Each checkpoint names the run that wrote it (`run`).
 3. `fit --ckpt_path <a checkpoint in a run under the root>` (also `last` or `best`) continues that run:
    the same directory, so ModelCheckpoint keeps its best score and top-k, and the same W&B id.
 4. The *latest run* under a root is, among the runs with a checkpoint in `checkpoints/`, the one whose
@@ -72,11 +74,15 @@ class Run:
         run_id = generate_id()
         return cls(Path(root) / f"{datetime.now():%Y%m%d-%H%M%S}-{command}-{run_id}", run_id, command)
 
-    def record(self) -> None:
-        """Create the directory and write (or, resumed, extend) `run.json`: whole or not at all."""
+    def record(self, **entries) -> None:
+        """Create the directory and write (or, resumed, extend) `run.json`, whole or not at all: a start, or,
+        with `entries`, those keys."""
         self.dir.mkdir(parents=True, exist_ok=True)
         record = read_record(self.dir) or {"id": self.id, "command": self.command, "starts": []}
-        record["starts"].append(self.started)
+        if entries:
+            record.update(entries)
+        else:
+            record["starts"].append(self.started)
         fd, temporary = tempfile.mkstemp(dir=self.dir, prefix=f".{RECORD}.")
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=1)
@@ -133,6 +139,46 @@ class RunSaver(SaveConfigCallback):
         as_dict = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": as_dict})
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["run"] = {"name": self.run.dir.name, "id": self.run.id}  # a moved checkpoint still names its run
+
+    def on_train_start(self, trainer: Trainer, pl_module) -> None:
+        record = getattr(trainer.datamodule, "state_dict", dict)().get("trained_on")
+        if trainer.is_global_zero and record:
+            self.run.record(trained_on=[{k: v for k, v in e.items() if k != "held_out"} for e in record])
+
+    def on_validation_start(self, trainer: Trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self.record_evaluation(trainer)
+
+    def on_test_start(self, trainer: Trainer, pl_module) -> None:
+        self.record_evaluation(trainer)
+
+    def record_evaluation(self, trainer: Trainer) -> None:
+        """What validate or test evaluates, the checkpoint and its fit run: in `run.json`, every logger's config
+        (key `evaluated`) and W&B's summary, tagged "overlaps-training-data" where it does."""
+        evaluation = getattr(trainer.datamodule, "evaluation", None)
+        if not (trainer.is_global_zero and evaluation):
+            return
+        evaluated = {**evaluation, "fit_run": fit_run_of(evaluation["checkpoint"])}
+        self.run.record(evaluated=evaluated)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"evaluated": evaluated})
+            if isinstance(logger, WandbLogger):
+                summary = {"evaluated_data": evaluation["data"], "checkpoint": evaluated["checkpoint"],
+                           "fit_run": evaluated["fit_run"], "overlaps_training_data": evaluation["overlap"]}  # fmt: skip
+                logger.experiment.summary.update(summary)
+                if evaluation["overlap"]:
+                    logger.experiment.tags = (*logger.experiment.tags, "overlaps-training-data")
+
+
+def fit_run_of(ckpt_path: str) -> str | None:
+    """The name of the run that wrote a checkpoint: as the checkpoint records it, else the run folder it is in."""
+    if run := load_checkpoint(Path(ckpt_path)).get("run"):
+        return run["name"]
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    return run_dir.name if (run_dir / RECORD).exists() else None
 
 
 def read_record(run_dir: Path) -> dict:

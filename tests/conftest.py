@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
@@ -99,7 +100,7 @@ def official_data(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
 
 
 @pytest.fixture(autouse=True)
-def hermetic_wandb(tmp_path: Path, monkeypatch) -> None:
+def hermetic_wandb(tmp_path: Path, monkeypatch):
     """Keep W&B's settings and cache out of the home directory; never reach a server."""
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / ".wandb-cache"))
@@ -109,6 +110,9 @@ def hermetic_wandb(tmp_path: Path, monkeypatch) -> None:
     # subprocess would try to share, and Lightning's last seed, which a subprocess would adopt.
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    yield
+    if wandb.run is not None:  # left by an in-process command (Lightning finishes none); a process would end it
+        wandb.finish()
 
 
 def cli_command(args: list[str], checksums: dict | None = None) -> list[str]:

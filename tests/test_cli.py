@@ -167,7 +167,7 @@ def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
     """`test` logs per-class accuracy, a confusion matrix and the most confident mistakes, and writes two PNGs."""
     test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST], tmp_path)  # untrained
     run = only((tmp_path / "runs" / "cifar").glob("*-test-*"))
-    assert f"Test report written to runs/cifar/{run.name}/confusion_matrix.png" in test.stderr
+    assert f"Test report written to runs/cifar/{run.name}/test_report.json, runs/cifar/{run.name}/confusion_matrix.png" in test.stderr
     assert Image.open(run / "confusion_matrix.png").size[0] > 200
     assert Image.open(run / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images, 8 a row
 

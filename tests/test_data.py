@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -226,3 +227,27 @@ def test_predict_dir_with_a_broken_image_fails_or_skips_it_keeping_files_and_ima
     dm.setup("predict")
     assert [p.name for p in dm.predict_files] == ["a.png", "c.png"]
     assert dm.predict_dataset.images[0, 0, 0, 0] == 255 and dm.predict_dataset.images[1, 2, 0, 0] == 255
+
+
+def test_a_data_source_fingerprint_follows_the_files_not_their_place(folder_data, official_data, tmp_path):
+    """The fingerprint a checkpoint records: the same for a copy elsewhere, another for one file more or changed."""
+    from cifar.datasets import source
+
+    here = source(folder_data, "train")
+    assert here["format"] == "folder" and here["images"] == 48 and here["path"] == str((folder_data / "train").resolve())
+    copy = tmp_path / "copy"
+    shutil.copytree(folder_data, copy)
+    assert source(copy, "train")["fingerprint"] == here["fingerprint"] != source(copy, "test")["fingerprint"]
+    Image.new("RGB", (32, 32)).save(copy / "train" / "cat" / "extra.png")
+    assert source(copy, "train")["fingerprint"] != here["fingerprint"]
+    (copy / "train" / "cat" / "extra.png").write_bytes(b"x" * 10)  # same name, other size
+    assert source(copy, "train")["fingerprint"] != here["fingerprint"]
+    assert source(folder_data / "nothing", "train") is None
+
+    data_dir, _ = official_data  # the official batches: their (here patched) MD5s, whatever the folder
+    train, test = source(data_dir, "train"), source(data_dir, "test")
+    assert train["format"] == "official" and train["fingerprint"] != test["fingerprint"]
+    dm = CIFAR10DataModule(str(data_dir), val_size=6, test_size=6)
+    dm.setup("fit")
+    assert dm.sources["train"] == {**train, "images": 60}  # what fit's checkpoints record
+    assert len(dm.held_out) == 12 and set(dm.held_out.tolist()) == set(torch.cat([dm.val_index, dm.test_index]).tolist())

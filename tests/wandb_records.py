@@ -46,17 +46,30 @@ def history(path: Path) -> list[dict]:
     return rows
 
 
-def config(path: Path) -> dict:
-    """The run config as updated over the run, {key: decoded value}."""
+def updates(path: Path, kind: str) -> dict:
+    """The run's `kind` ("config" or "summary") as updated over the run, {key: decoded value}."""
     values = {}
     for record in records(path):
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
-                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-        if record.WhichOneof("record_type") == "run":
-            for item in record.run.config.update:
-                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        found = record.WhichOneof("record_type")
+        if found == kind:
+            items = getattr(record, kind).update
+        elif found == "run" and kind == "config":  # the run record carries the config given at start
+            items = record.run.config.update
+        else:
+            continue
+        for item in items:
+            values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return values
+
+
+def config(path: Path) -> dict:
+    """The run config as updated over the run (the run record's, then config records), {key: decoded value}."""
+    return updates(path, "config")
+
+
+def summary(path: Path) -> dict:
+    """The run summary as updated over the run, {key: decoded value}."""
+    return updates(path, "summary")
 
 
 def table(path: Path, row: dict, key: str) -> dict:
@@ -69,3 +82,12 @@ def artifacts(path: Path) -> list[tuple[str, str, list[str]]]:
     """(name, type, paths of its files) of each artifact the run logged; W&B stores a table's images in one."""
     return [(r.artifact.name, r.artifact.type, [e.path for e in r.artifact.manifest.contents])
             for r in records(path) if r.WhichOneof("record_type") == "artifact"]  # fmt: skip
+
+
+def tags(path: Path) -> list[str]:
+    """The run's tags, as last set."""
+    found = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run" and record.run.tags:
+            found = list(record.run.tags)
+    return found
