@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cifar.datasets import folder_classes, read_folder  # noqa: E402
+from cifar.datasets import folder_classes, list_folder, read_folder  # noqa: E402
 from cifar.nets import TutorialCNN  # noqa: E402
 
 
@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    images, labels = read_folder(args.data_dir / "train", folder_classes(args.data_dir / "train"))
+    train = args.data_dir / "train"
+    images, labels = read_folder(train, *list_folder(train, folder_classes(train)))
     x = (images.float() / 255 - 0.5) / 0.5  # normalized once: no per-batch conversion at all
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)

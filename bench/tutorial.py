@@ -27,14 +27,14 @@ from torchvision.datasets import CIFAR10
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timer import BatchTimer  # noqa: E402
-from cifar.datasets import folder_classes, read_folder  # noqa: E402
+from cifar.datasets import folder_classes, list_folder, read_folder  # noqa: E402
 
 
 class TreeCIFAR10(CIFAR10):
     """torchvision's CIFAR10 (its __getitem__: Image.fromarray, then the transform) over an image-folder tree."""
 
     def __init__(self, root: Path, transform):  # no super().__init__: it would look for the download
-        images, labels = read_folder(root / "train", folder_classes(root / "train"))
+        images, labels = read_folder(root / "train", *list_folder(root / "train", folder_classes(root / "train")))
         self.data = images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3), as torchvision stores it
         self.targets = labels.tolist()
         self.transform, self.target_transform = transform, None

@@ -174,6 +174,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.flip, self.translate, self.data_on_device = flip, translate, data_on_device
         self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
+        self.listed: dict[str, tuple[list[Path], list[int]]] = {}  # "train"/"test": image folder files, labels
         self.sources: dict[str, dict] = {}  # "train"/"test": datasets.source() of each split read
         self.loaded_record: list[dict] | None = None  # the training record of the checkpoint restored
         self.evaluation: dict | None = None  # what validate/test evaluated, checked against the checkpoint
@@ -184,11 +185,14 @@ class CIFAR10DataModule(LightningDataModule):
 
     @cached_property
     def classes(self) -> list[str]:
-        """Class names, index = label. Read at start-up so that `num_classes` can configure the model."""
+        """Class names, index = label. Read at start-up so that `num_classes` can configure the model; for image
+        folders the training files are listed then too, so a stray file stops the command before a run is made."""
         if self.format == "official":
             return datasets.official_classes(self.data_dir)
         if self.format == "folder":
-            return datasets.folder_classes(self.data_dir / "train")
+            classes = datasets.folder_classes(self.data_dir / "train")
+            self.listed["train"] = datasets.list_folder(self.data_dir / "train", classes, strict=not self.skip_bad_images)
+            return classes
         if self.download:
             return CIFAR10_CLASSES  # what prepare_data will download
         raise UserError(datasets.missing_data_message(self.data_dir))
@@ -237,9 +241,12 @@ class CIFAR10DataModule(LightningDataModule):
         if not split_dir.is_dir():
             raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ "
                             f"folders there, or hold out part of the training images with --data.test_size 5000")
-        images, labels, files = datasets.read_folder(split_dir, self.classes, self.skip_bad_images)
+        classes = self.classes  # lists train/ when first read
+        if split not in self.listed:
+            self.listed[split] = datasets.list_folder(split_dir, classes, strict=not self.skip_bad_images)
+        files, labels = self.listed[split]
         self.sources[split] = datasets.source(self.data_dir, split, files=files)
-        return images, labels
+        return datasets.read_folder(split_dir, files, labels, self.skip_bad_images)
 
     def _split(self) -> None:
         images, labels = self._read_split(train=True)

@@ -138,10 +138,10 @@ def folder_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> tuple[Tensor, Tensor, list[Path]]:
-    """(images, labels, image files listed) of an image-folder split whose class folders must match `classes`.
+def list_folder(split_dir: Path, classes: list[str], strict: bool = True) -> tuple[list[Path], list[int]]:
+    """The image files of an image-folder split, whose class folders must match `classes`, and their labels.
 
-    A file that is not a readable PNG/JPEG image is an error naming it, or, with `skip_bad`, skipped and counted.
+    Only lists (no decoding): a file that is not PNG/JPEG is an error naming it when `strict`, else skipped.
     """
     found = folder_classes(split_dir)
     if found != classes:
@@ -149,9 +149,17 @@ def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> 
                         f"classes ({', '.join(classes)})")  # fmt: skip
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = image_files(split_dir / name, strict=not skip_bad)
+        files = image_files(split_dir / name, strict=strict)
         paths += files
         labels += [label] * len(files)
+    return paths, labels
+
+
+def read_folder(split_dir: Path, paths: list[Path], labels: list[int], skip_bad: bool = False) -> tuple[Tensor, Tensor]:
+    """(images, labels) of the listed files of an image-folder split (`list_folder`).
+
+    A file that is not a readable PNG/JPEG image is an error naming it, or, with `skip_bad`, skipped and counted.
+    """
     images, skipped = read_images(paths, skip_bad)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) in {split_dir}, e.g. {skipped[0]}")
@@ -159,7 +167,7 @@ def read_folder(split_dir: Path, classes: list[str], skip_bad: bool = False) -> 
         labels = [label for path, label in zip(paths, labels) if path not in bad]
     if not labels:
         raise UserError(f"no readable images in the class folders of {split_dir}")
-    return images, torch.tensor(labels, dtype=torch.long), paths
+    return images, torch.tensor(labels, dtype=torch.long)
 
 
 def image_files(folder: Path, strict: bool, quiet: bool = False) -> list[Path]:

@@ -101,6 +101,8 @@ class Run:
             if issubclass(kind, Logger) and "save_dir" in logger.init_args:
                 logger.init_args.save_dir = str(self.dir)
             if issubclass(kind, WandbLogger):
+                # Absolute: W&B resolves a relative dir against the working directory of the process's first run.
+                logger.init_args.save_dir = str(self.dir.resolve())
                 if not (logger.init_args.get("version") or logger.init_args.get("id")):
                     logger.init_args.version = self.id
                 if "job_type" in logger.init_args and not logger.init_args.job_type:
