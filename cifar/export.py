@@ -1,9 +1,12 @@
-"""`export`: a checkpoint's model as one ONNX or TorchScript file for serving, without Python code of ours.
+"""`export`: a checkpoint's model as one file for serving, without Python code of ours.
 
 The exported model takes what a server has, a raw uint8 image batch (N, 3, H, W) in RGB order, and returns
 class probabilities (N, classes): the normalization, the model's test-time augmentation (`model.tta`) and
-the softmax are baked in, and the batch size is free. The class names travel with it: ONNX metadata
-`classes` and TorchScript extra file `classes.json`, both a JSON list (index = class).
+the softmax are baked in, and the batch size is free. The class names travel with it as a JSON list (index =
+class): ONNX metadata `classes`; extra file `classes.json` of the torch.export and TorchScript files.
+
+Formats: `onnx` (torch's dynamo-based exporter, for onnxruntime), `torch_export` (a `.pt2` ExportedProgram for
+`torch.export.load`), and `torchscript` (deprecated by torch 2.14; kept while `torch.jit.load` reads it).
 """
 
 import json
@@ -20,7 +23,8 @@ from cifar.errors import UserError
 from cifar.module import LitModel, normalize, tta_logits
 from cifar.runs import resolve_checkpoint
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".pt"}
+BATCH = torch.export.Dim("N", min=1, max=65536)  # the free batch axis of every format
 
 
 class Probabilities(nn.Module):
@@ -55,7 +59,7 @@ def load_model(ckpt_path: Path) -> tuple[LitModel, list[str]]:
 
 def export(
     ckpt_path: str,
-    format: Literal["onnx", "torchscript"] = "onnx",
+    format: Literal["onnx", "torch_export", "torchscript"] = "onnx",
     output: str | None = None,
     root: str = "runs/cifar",
 ) -> Path:
@@ -63,8 +67,9 @@ def export(
 
     Args:
         ckpt_path: The checkpoint: `best` or `last` (of the latest run under `root`), or a .ckpt path.
-        format: `onnx` (for onnxruntime and most servers) or `torchscript` (for `torch.jit.load`).
-        output: The file to write (default: beside the checkpoint, `.onnx` or `.pt`); never overwritten.
+        format: `onnx` (for onnxruntime and most servers), `torch_export` (a .pt2 for `torch.export.load`), or
+            `torchscript` (deprecated by torch 2.14: use torch_export; for `torch.jit.load` while torch reads it).
+        output: The file to write (default: beside the checkpoint, `.onnx`, `.pt2` or `.pt`); never overwritten.
         root: Where `best` and `last` look: the `trainer.default_root_dir` of the config that trained it
             (runs/cifar for configs/cifar.yaml, runs/fast for configs/fast.yaml).
     """
@@ -85,10 +90,11 @@ def export_checkpoint(ckpt_path: Path, format: str = "onnx", output: str | None 
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     served = Probabilities(model).eval().requires_grad_(False)  # inference only: outputs need no grad
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")  # renamed at the end: never a half-written model file
+    # Renamed at the end: never a half-written model file. The suffix stays last: torch.export.save checks it.
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         with torch.no_grad():
-            (export_onnx if format == "onnx" else export_torchscript)(served, example, classes, temporary)
+            EXPORTERS[format](served, example, classes, temporary)
         if path.exists():  # appeared while we exported
             raise UserError(f"{path} already exists: choose another --output or move it away")
         temporary.rename(path)
@@ -101,16 +107,22 @@ def export_checkpoint(ckpt_path: Path, format: str = "onnx", output: str | None 
 
 def export_onnx(model: nn.Module, example: Tensor, classes: list[str], path: Path) -> None:
     try:
-        import onnx  # optional: only ONNX export needs it
+        import onnx  # optional: only ONNX export needs them
+        import onnxscript  # noqa: F401  (the dynamo-based exporter writes the graph with it)
     except ImportError as error:
-        raise UserError('ONNX export needs the onnx package: pip install -e ".[export]"') from error
+        raise UserError('ONNX export needs the onnx and onnxscript packages: pip install -e ".[export]"') from error
 
-    # The TorchScript-based exporter: needs no onnxscript and gives a plain graph with a dynamic batch axis.
+    # The torch.export-based exporter (the TorchScript-based one, dynamo=False, is deprecated in torch 2.14).
     torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["probabilities"],
-                      dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}}, dynamo=False)  # fmt: skip
+                      dynamic_shapes={"images": {0: BATCH}}, dynamo=True, verbose=False)  # fmt: skip
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {"classes": json.dumps(classes)})
     onnx.save(proto, str(path))
+
+
+def export_torch_export(model: nn.Module, example: Tensor, classes: list[str], path: Path) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: BATCH}})
+    torch.export.save(program, str(path), extra_files={"classes.json": json.dumps(classes)})
 
 
 def export_torchscript(model: nn.Module, example: Tensor, classes: list[str], path: Path) -> None:
@@ -119,3 +131,6 @@ def export_torchscript(model: nn.Module, example: Tensor, classes: list[str], pa
         traced = torch.jit.trace(model, example)  # the forward has no data-dependent branches: tracing is exact
         torch.jit.save(traced, str(path), _extra_files={"classes.json": json.dumps(classes)})
 
+
+
+EXPORTERS = {"onnx": export_onnx, "torch_export": export_torch_export, "torchscript": export_torchscript}

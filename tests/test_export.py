@@ -1,4 +1,5 @@
-"""export: a checkpoint as ONNX and TorchScript that map uint8 images to the LitModel's probabilities."""
+"""export: a checkpoint as ONNX, torch.export and TorchScript files that map uint8 images to the LitModel's
+probabilities, loaded by onnxruntime, `torch.export.load` and `torch.jit.load` alone."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from conftest import CLASSES, CONFIG, FAST, run_cli
 
 from cifar.cli import main
-from cifar.export import Probabilities, export_onnx, export_torchscript
+from cifar.export import EXPORTERS, Probabilities
 from cifar.module import LitModel
 from cifar.nets import AirbenchNet
 
@@ -27,23 +28,32 @@ def export(*args: str) -> None:
     main(["export", "--root", "runs/cifar", *args])  # in-process: the same CLI, without a second start-up
 
 
-def test_onnx_and_torchscript_give_the_checkpoints_probabilities_and_class_names(fitted: Path, tmp_path: Path):
-    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # 5: not the batch size traced with
-    model = LitModel.load_from_checkpoint(fitted, map_location="cpu", weights_only=True).eval()
-    with torch.no_grad():
-        expected = model(images).softmax(dim=-1).numpy()
-
-    export("--ckpt_path", "best", "--format", "onnx", "--output", "out/model.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"))
-    (probs,) = session.run(None, {"images": images.numpy()})
-    assert probs == pytest.approx(expected, abs=1e-5)
-    assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == CLASSES
-
-    export("--ckpt_path", str(fitted), "--format", "torchscript", "--output", "out/model.pt")
+def run_exported(fmt: str, path: Path, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Probabilities and class names from an exported file, with its own runtime only."""
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(path))
+        (probs,) = session.run(None, {"images": images.numpy()})
+        return torch.from_numpy(probs), json.loads(session.get_modelmeta().custom_metadata_map["classes"])
     extra = {"classes.json": ""}
-    scripted = torch.jit.load(str(tmp_path / "out" / "model.pt"), _extra_files=extra)
-    assert scripted(images).numpy() == pytest.approx(expected, abs=1e-5)
-    assert json.loads(extra["classes.json"]) == CLASSES
+    if fmt == "torch_export":
+        program = torch.export.load(str(path), extra_files=extra)
+        return program.module()(images), json.loads(extra["classes.json"])
+    return torch.jit.load(str(path), _extra_files=extra)(images), json.loads(extra["classes.json"])
+
+
+def test_every_format_gives_the_checkpoints_probabilities_and_class_names(fitted: Path, tmp_path: Path):
+    model = LitModel.load_from_checkpoint(fitted, map_location="cpu", weights_only=True).eval()
+    for fmt in ("onnx", "torch_export", "torchscript"):
+        export("--ckpt_path", "best", "--format", fmt, "--output", f"out/model.{fmt}")
+        for n in (5, 1):  # not the batch size exported with: the batch axis is free
+            images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+            with torch.no_grad():
+                expected = model(images).softmax(dim=-1)
+                probs, classes = run_exported(fmt, tmp_path / "out" / f"model.{fmt}", images)
+            assert probs.numpy() == pytest.approx(expected.numpy(), abs=1e-5), fmt
+            assert classes == CLASSES
+    export("--ckpt_path", str(fitted), "--format", "torch_export")  # no --output: beside the checkpoint
+    assert fitted.with_suffix(".pt2").is_file()
 
 
 def test_export_mistakes_end_in_one_error_line(fitted: Path, tmp_path: Path, capsys):
@@ -75,7 +85,7 @@ def test_export_is_a_plain_tool_with_its_own_help(capsys):
     assert "tools: export (main.py export --help)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export", "torchscript"])
 def test_export_bakes_in_the_models_test_time_augmentation(fmt: str, tmp_path: Path):
     """A model whose `tta` is 2 (6 views) exports as the same function `predict` computes."""
     model = LitModel(net=AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2).eval()
@@ -85,9 +95,6 @@ def test_export_bakes_in_the_models_test_time_augmentation(fmt: str, tmp_path: P
         assert not expected == pytest.approx(model(images).softmax(dim=-1).numpy(), abs=1e-5)  # TTA changes them
         served = Probabilities(model).eval().requires_grad_(False)
         path = tmp_path / f"model.{fmt}"
-        (export_onnx if fmt == "onnx" else export_torchscript)(served, images[:2], CLASSES, path)
-    if fmt == "onnx":
-        (probs,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": images.numpy()})
-    else:
-        probs = torch.jit.load(str(path))(images).numpy()
-    assert probs == pytest.approx(expected, abs=1e-5)
+        EXPORTERS[fmt](served, images[:2], CLASSES, path)
+        probs, _ = run_exported(fmt, path, images)
+    assert probs.numpy() == pytest.approx(expected, abs=1e-5)
