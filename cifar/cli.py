@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
 from cifar.export import export
+from cifar.serve import serve
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
 from cifar.provenance import adopt_split, given_on_command_line
@@ -25,7 +26,7 @@ from cifar.runs import Run, RunSaver, class_of, entries, resolve_checkpoint
 from cifar.stopping import Stopped, StopOnSignal
 from cifar.wandb_mode import offline_without_a_key
 
-TOOLS = {"export": export}  # subcommands that are not training: `main.py export --help`
+TOOLS = {"export": export, "serve": serve}  # subcommands that are not training: `main.py export --help`
 
 
 class CifarCLI(LightningCLI):
@@ -81,7 +82,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
             args=args,
             parser_kwargs={"exit_on_error": False,  # errors come to us: one line, not the whole usage
-                           "epilog": f"tools: {', '.join(TOOLS)} (main.py export --help)"},  # fmt: skip
+                           "epilog": f"tools: {', '.join(TOOLS)} (main.py export --help, main.py serve --help)"},  # fmt: skip
         )
     except Stopped as stop:
         if stopper.trainer is None or stopper.trainer.is_global_zero:

@@ -194,15 +194,21 @@ def read_images(paths: list[Path], skip_bad: bool = False) -> tuple[Tensor, list
     skipped, n = [], 0
     for path in paths:
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            images[n] = decode(read_file(str(path)))
         except RuntimeError as error:
             if skip_bad:
                 skipped.append(path)
                 continue
             raise UserError(f"cannot decode {path} as an image ({str(error).splitlines()[0]}); "
                             f"replace or remove it, or pass --data.skip_bad_images true") from error  # fmt: skip
-        if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            image = resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
-        images[n] = image
         n += 1
     return images[:n], skipped
+
+
+def decode(data: Tensor) -> Tensor:
+    """An encoded PNG/JPEG (uint8 bytes, 1-D) as a uint8 RGB image (3, IMAGE_SIZE, IMAGE_SIZE), resized if needed:
+    what `predict` and `serve` give the model. RuntimeError when it is not a whole PNG/JPEG image."""
+    image = decode_image(data, mode=ImageReadMode.RGB)
+    if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        image = resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+    return image

@@ -82,7 +82,7 @@ def test_export_is_a_plain_tool_with_its_own_help(capsys):
     assert not any(group in usage for group in ("--trainer", "--model", "--data", "--seed_everything"))
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "tools: export (main.py export --help)" in capsys.readouterr().out
+    assert "tools: export, serve (main.py export --help, main.py serve --help)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch_export", "torchscript"])
