@@ -10,6 +10,8 @@ server listens on 127.0.0.1 only. The clients are threads of this process, on th
 
 import argparse
 import io
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -42,11 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt_path: str, max_batch_size: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt_path: str, max_batch_size: int, precision: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, str(ROOT / "main.py"), "serve", "--ckpt_path", ckpt_path, "--port", str(port),
-               "--max_batch_size", str(max_batch_size)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "--max_batch_size", str(max_batch_size), "--precision", precision]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -91,12 +93,12 @@ def load(url: str, clients: int, requests: int, seconds: float, body: bytes) -> 
             "p50": statistics.median(ms), "p99": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}  # fmt: skip
 
 
-def in_process_images_per_s(ckpt_path: str, batch: int, seconds: float = 5.0) -> float:
-    """The bare model (as served: normalization, TTA, softmax) on uint8 batches of `batch`, no HTTP."""
+def in_process_images_per_s(ckpt_path: str, batch: int, precision: str, seconds: float = 5.0) -> float:
+    """The bare model (as served: normalization, TTA, softmax, precision) on uint8 batches of `batch`, no HTTP."""
     model, _ = load_model(Path(ckpt_path))
     served = Probabilities(model).eval()
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         served(images)  # warm-up
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -111,24 +113,28 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--requests", type=int, default=2000, help="answers per setting (each client stops after)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per setting, at most")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="serve's --precision")
     args = parser.parse_args()
 
-    bare = {b: in_process_images_per_s(args.ckpt_path, b) for b in (1, 64)}
+    bare = {b: in_process_images_per_s(args.ckpt_path, b, args.precision) for b in (1, 64)}
     print(f"in-process, bare model: {bare[1]:.0f} images/s at batch 1, {bare[64]:.0f} images/s at batch 64")
     body = request_body()
     print("| batching | clients | answered | failed | images/s | % of in-process batch 64 | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for max_batch_size in (64, 1):
-        process, url = start_server(args.ckpt_path, max_batch_size)
+        process, url = start_server(args.ckpt_path, max_batch_size, args.precision)
         try:
             load(url, 8, 50, 10, body)  # warm-up
             for clients in args.clients:
                 r = load(url, clients, args.requests, args.seconds, body)
                 print(f"| {'on (64)' if max_batch_size > 1 else 'off'} | {clients} | {r['answered']} | {r['failed']} | "
                       f"{r['per_s']:.0f} | {100 * r['per_s'] / bare[64]:.0f}% | {r['p50']:.0f} | {r['p99']:.0f} |", flush=True)  # fmt: skip
-        finally:
+        finally:  # SIGTERM ends every process of the server; the group kill is for a server that hangs
             process.terminate()
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ LitServe fails a whole batch when `decode_request` raises, so it never raises; i
 import base64
 import binascii
 import json
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -107,9 +109,10 @@ def images_of(request, max_images: int) -> list[bytes] | Rejected:
 
 
 class ClassifierAPI(ls.LitAPI if ls else object):
-    def __init__(self, ckpt_path: Path, top: int, max_images: int, max_batch_size: int, batch_timeout: float):
+    def __init__(self, ckpt_path: Path, top: int, max_images: int, max_batch_size: int, batch_timeout: float,
+                 precision: str = "32-true"):  # fmt: skip
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.ckpt_path, self.top, self.max_images = ckpt_path, top, max_images
+        self.ckpt_path, self.top, self.max_images, self.precision = ckpt_path, top, max_images, precision
 
     def setup(self, device: str) -> None:
         model, self.classes = load_model(self.ckpt_path)
@@ -140,7 +143,9 @@ class ClassifierAPI(ls.LitAPI if ls else object):
         if not isinstance(x, tuple):  # unbatched (max_batch_size 1): one request's images or its rejection
             return self.unbatch(self.predict(self.batch([x])))[0]
         images, parts = x
-        probs = self.model(images.to(self.device)).float().cpu() if images is not None else None
+        device = torch.device(self.device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+            probs = self.model(images.to(device)).float().cpu() if images is not None else None
         return probs, parts
 
     def unbatch(self, output) -> list:
@@ -157,6 +162,20 @@ class ClassifierAPI(ls.LitAPI if ls else object):
                                 for ps, cs in zip(top.values.tolist(), top.indices.tolist())]}  # fmt: skip
 
 
+def stop_as_ctrl_c(main_pid: int):
+    """A SIGTERM handler for the main process: LitServe shuts its worker and server processes down only on
+    KeyboardInterrupt (Ctrl-C), and would leave them running when its main process is terminated. The processes
+    it forks inherit the handler; they end as SIGTERM ends them by default."""
+
+    def handler(signum, frame) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return handler
+
+
 def serve(
     ckpt_path: str,
     host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
@@ -166,6 +185,7 @@ def serve(
     max_images: int = 16,
     max_batch_size: int = 64,
     batch_timeout: float = 0.005,
+    precision: Literal["32-true", "bf16-mixed"] = "32-true",
 ) -> None:
     """Serve a checkpoint's model over HTTP: a web page at /, POST /predict, /health, /info. Ctrl-C stops it.
 
@@ -179,6 +199,8 @@ def serve(
         max_images: Images one request may send; more are answered 413. A request is also limited to 8 MiB.
         max_batch_size: Requests LitServe runs as one batch; 1 turns batching off.
         batch_timeout: Seconds LitServe waits for more requests to fill a batch.
+        precision: As the config's `trainer.precision` for `predict`: `bf16-mixed` (configs/fast.yaml) runs the
+            network under bf16 autocast, faster on CPUs and GPUs with bf16 units, as `predict` does with it.
     """
     if ls is None:
         raise UserError('serve needs LitServe: pip install -e ".[serve]"')
@@ -186,12 +208,14 @@ def serve(
     path = resolve_checkpoint(ckpt_path, Path(root))
     model, classes = load_model(path)  # here too: a bad checkpoint is one error line, before the server starts
     info = {"checkpoint": str(path), "classes": classes, "input": "PNG or JPEG, any size, resized to 32x32",
-            "tta": model.tta, "top": top, "max_images": max_images, "max_request_bytes": MAX_REQUEST_BYTES}  # fmt: skip
-    api = ClassifierAPI(path, top, max_images, max_batch_size, batch_timeout)
+            "tta": model.tta, "precision": precision, "top": top, "max_images": max_images,
+            "max_request_bytes": MAX_REQUEST_BYTES}  # fmt: skip
+    api = ClassifierAPI(path, top, max_images, max_batch_size, batch_timeout, precision)
     server = ls.LitServer(api, accelerator="auto", max_payload_size=MAX_REQUEST_BYTES, model_metadata=info,
                           middlewares=[CheckedBody])  # fmt: skip
     server.app.add_api_route("/", lambda: HTMLResponse(PAGE.read_text()), methods=["GET"], include_in_schema=False)
     # LitServe answers GET / itself ("litserve running"); the first route that matches wins, so ours goes first.
     server.app.router.routes.insert(0, server.app.router.routes.pop())
+    signal.signal(signal.SIGTERM, stop_as_ctrl_c(os.getpid()))
     print(f"Serving {path} ({len(classes)} classes) at http://{host}:{port}/ (POST /predict; Ctrl-C stops)")
     server.run(host=host, port=port, generate_client_file=False)

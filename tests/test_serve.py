@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -54,7 +55,8 @@ def server(tmp_path_factory):
     port = free_port()
     log = open(root / "serve.log", "w")
     process = subprocess.Popen(cli_command(["serve", "--ckpt_path", "best", "--port", str(port), "--top", "3"]),
-                               cwd=root, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                               cwd=root, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # its own process group: LitServe starts more processes  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):  # start-up: imports, the model, LitServe's worker
@@ -68,10 +70,15 @@ def server(tmp_path_factory):
         else:
             raise AssertionError(f"no /health in 60 s:\n{(root / 'serve.log').read_text()}")
         yield url, root, data
-    finally:
+    finally:  # SIGTERM, as `kill` or a service manager stops it: every process of the server ends
         process.terminate()
         process.wait(timeout=30)
+        time.sleep(2)
+        left = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+        if left:
+            os.killpg(process.pid, signal.SIGKILL)
         log.close()
+        assert not left, f"processes of the server left after SIGTERM: {left}"
 
 
 def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
@@ -169,3 +176,24 @@ def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_pa
             browser.save_screenshot(shot)
     finally:
         browser.quit()
+
+
+def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_mixed(server):
+    """`--precision bf16-mixed` (configs/fast.yaml's trainer.precision), in-process: the LitAPI's own steps."""
+    import torch
+
+    from cifar.serve import ClassifierAPI
+
+    _, root, _ = server
+    ckpt = next((root / "runs" / "cifar").glob("*-fit-*/checkpoints/last.ckpt"))
+    request = {"images": [base64.b64encode(png((200, 10, 10))).decode(), base64.b64encode(png((9, 9, 9))).decode()]}
+    probs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        api = ClassifierAPI(ckpt, top=3, max_images=16, max_batch_size=64, batch_timeout=0.0, precision=precision)
+        api.setup("cpu")
+        probs[precision] = api.unbatch(api.predict(api.batch([api.decode_request(request)])))[0]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            expected = api.model(api.decode_request(request)).float()
+        assert torch.equal(probs[precision], expected)
+    assert not torch.equal(probs["32-true"], probs["bf16-mixed"])
+    assert torch.allclose(probs["32-true"], probs["bf16-mixed"], atol=0.02)
