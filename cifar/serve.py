@@ -207,7 +207,7 @@ def serve(
 
     path = resolve_checkpoint(ckpt_path, Path(root))
     model, classes = load_model(path)  # here too: a bad checkpoint is one error line, before the server starts
-    info = {"checkpoint": str(path), "classes": classes, "input": "PNG or JPEG, any size, resized to 32x32",
+    info = {"checkpoint": str(path), "net": type(model.net).__name__, "classes": classes, "input": "PNG or JPEG, any size, resized to 32x32",
             "tta": model.tta, "precision": precision, "top": top, "max_images": max_images,
             "max_request_bytes": MAX_REQUEST_BYTES}  # fmt: skip
     api = ClassifierAPI(path, top, max_images, max_batch_size, batch_timeout, precision)

@@ -94,6 +94,7 @@ def test_serve_answers_what_predict_computes_in_both_request_forms(server, tmp_p
     url, root, data = server
     info = json.loads(urllib.request.urlopen(f"{url}/info").read())["model"]
     assert info["classes"] == CLASSES and info["checkpoint"].endswith(".ckpt") and info["max_images"] == 16
+    assert info["net"] == "TutorialCNN" and info["precision"] == "32-true" and info["tta"] == 0
     images = {"red.png": png((200, 10, 10)), "big.jpg": None, "gray.png": png((90, 90, 90), (7, 5))}
     buffer = io.BytesIO()
     Image.new("RGB", (300, 200), (10, 180, 40)).save(buffer, "JPEG")
