@@ -128,6 +128,7 @@ class TestReport(Callback):
         self.num_mistakes = num_mistakes
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.report: dict | None = None  # TestReport.provenance, once the epoch's figures are written
         self.probs: list[Tensor] = []
         self.labels: list[Tensor] = []
         self.samples: list[Tensor] = []
@@ -173,7 +174,8 @@ class TestReport(Callback):
                     logger.log_table("test/mistakes", *prediction_rows(*self.mistakes, classes), step=step)
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        confusion_figure(confusion, classes, self.provenance(trainer)).savefig(run_dir / "confusion_matrix.png", dpi=100)
+        self.report = self.provenance(trainer)  # for test_report.json too (on_test_end, once metrics are final)
+        confusion_figure(confusion, classes, self.report).savefig(run_dir / "confusion_matrix.png", dpi=100)
         images = torch.cat(self.samples).cpu()
         preds, labels = preds[: len(images)].cpu(), labels[: len(images)].cpu()
         captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
@@ -187,11 +189,11 @@ class TestReport(Callback):
                 "data": evaluation.get("data"), "overlap": evaluation.get("overlap"), "note": evaluation.get("note")}  # fmt: skip
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (trainer.is_global_zero and getattr(self, "probs", None)):
+        if not (trainer.is_global_zero and getattr(self, "report", None)):
             return
         run_dir = Path(trainer.default_root_dir)
         metrics = {name: value.item() for name, value in trainer.callback_metrics.items()}
-        report = {**self.provenance(trainer), "metrics": metrics}
+        report = {**self.report, "metrics": metrics}
         (run_dir / "test_report.json").write_text(json.dumps(report, indent=1) + "\n")
         rank_zero_info(f"Test report written to {run_dir / 'test_report.json'}, {run_dir / 'confusion_matrix.png'} "
                        f"and {run_dir / 'test_examples.png'}")  # fmt: skip

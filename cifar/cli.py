@@ -18,11 +18,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
 from cifar.export import export
-from cifar.serve import serve
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
 from cifar.provenance import adopt_split, given_on_command_line
 from cifar.runs import Run, RunSaver, class_of, entries, resolve_checkpoint
+from cifar.serve import serve
 from cifar.stopping import Stopped, StopOnSignal
 from cifar.wandb_mode import offline_without_a_key
 

@@ -73,6 +73,19 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     assert main_exit_code(["fit", *common, "--ckpt_path", "last", "--data.seed", "1", "--trainer.max_epochs", "2"]) == 2
     assert "validation images were used to train" in capsys.readouterr().err
 
+    # Used as a library (no CLI, so no check before the run): the data module refuses when Lightning restores.
+    from lightning.pytorch import Trainer
+
+    from cifar.data import CIFAR10DataModule
+    from cifar.errors import UserError
+    from cifar.module import LitModel
+
+    overlapping = CIFAR10DataModule(str(data), batch_size=8, val_size=12, test_size=24)
+    model = LitModel.load_from_checkpoint(fit / "checkpoints/last.ckpt", weights_only=True)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(UserError, match="6 of the 24 test images were used to train checkpoint"):
+        trainer.test(model, overlapping, ckpt_path=fit / "checkpoints/last.ckpt", weights_only=True)
+
     # The override: evaluated, and marked in the output, the report and the W&B run.
     caplog.clear()
     main(["test", *common, "--ckpt_path", "best", "--data.test_size", "24", "--data.allow_overlap", "true"])

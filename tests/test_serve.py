@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CLASSES, CONFIG, FAST, cli_command, cli_env, run_cli
 from PIL import Image
 
@@ -181,8 +182,6 @@ def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_pa
 
 def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_mixed(server):
     """`--precision bf16-mixed` (configs/fast.yaml's trainer.precision), in-process: the LitAPI's own steps."""
-    import torch
-
     from cifar.serve import ClassifierAPI
 
     _, root, _ = server
@@ -198,3 +197,23 @@ def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_
         assert torch.equal(probs[precision], expected)
     assert not torch.equal(probs["32-true"], probs["bf16-mixed"])
     assert torch.allclose(probs["32-true"], probs["bf16-mixed"], atol=0.02)
+
+
+def test_uploads_stay_in_memory():
+    """Starlette spools an upload over 1 MB to a temporary file; with cifar.serve loaded (as in the server's
+    processes) one up to the request limit stays in memory."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    import cifar.serve
+
+    async def spooled(request):
+        upload = (await request.form())["images"]
+        return JSONResponse({"on_disk": upload.file._rolled, "size": len(await upload.read())})
+
+    client = TestClient(Starlette(routes=[Route("/", spooled, methods=["POST"])]))
+    size = cifar.serve.MAX_REQUEST_BYTES - 2**16  # room for the multipart headers
+    answer = client.post("/", files={"images": ("big.png", b"x" * size)}).json()
+    assert answer == {"on_disk": False, "size": size}
