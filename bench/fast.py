@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(seed: int, data: str, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as root:
+def run(seed: int, data: str, extra: list[str], keep: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as temporary:
+        root = str(Path(keep, f"seed{seed}").resolve()) if keep else temporary
         command = [sys.executable, "main.py", "fit", "--config", "configs/fast.yaml", "--seed_everything", str(seed),
                    "--data.data_dir", data, "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false",
                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root, *extra]  # fmt: skip
@@ -42,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="image-folder tree with train/<class>/ (the shared JPEGs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--keep", help="keep each seed's run (checkpoints, metrics) in KEEP/seed<N>, not in a temporary folder")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
 
@@ -51,7 +53,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; configs/fast.yaml {' '.join(extra)}", flush=True)  # fmt: skip
     results = []
     for seed in args.seeds:
-        results.append(run(seed, str(Path(args.data).resolve()), extra))
+        results.append(run(seed, str(Path(args.data).resolve()), extra, args.keep))
         r = results[-1]
         print(f"  seed {seed}: val_acc (TTA) {r['val_acc']:.4f} after {r['epochs']} epochs, {r['seconds']:.0f} s wall",
               flush=True)  # fmt: skip

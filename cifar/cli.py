@@ -46,11 +46,17 @@ class CifarCLI(LightningCLI):
         config = self.config.get(self.config.get("subcommand") or "")
         if config is not None and config.get("ckpt_path"):
             config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir)))
+            self.typed_model_options = {key: config[key] for key in typed_options(self.argv, "model", config)}
 
     def before_instantiate_classes(self) -> None:
         """The run directory hook: this command's run, its paths in the config, W&B online or offline, and the
         split of the checkpoint's data (cifar/provenance.py, rule 1)."""
         config = self.config[self.subcommand]
+        # Between parsing and this hook, LightningCLI puts the checkpoint's hyperparameters over the whole config,
+        # the command line included (Lightning issues #20801, #21455): the config file's model yields to the
+        # checkpoint (test rebuilds the net that was trained), but what the user typed (`--model.tta 0`) must win.
+        for key, value in getattr(self, "typed_model_options", {}).items():
+            config[key] = value
         if config.ckpt_path and self.subcommand in ("fit", "validate", "test"):
             adopt_split(config.data, config.ckpt_path, given_on_command_line(self.argv), self.subcommand)
         run = Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
@@ -62,6 +68,18 @@ class CifarCLI(LightningCLI):
 
     def before_fit(self) -> None:
         keep_freed_memory()  # training only: larger RSS for faster CPU steps (cifar/malloc.py)
+
+
+def typed_options(argv: list[str], group: str, config) -> list[str]:
+    """The keys of `config` that `--group.x.y` arguments in argv set (`--model.optimizer.lr` sets the key
+    `model.optimizer.init_args.lr`)."""
+    keys = []
+    for arg in argv:
+        if arg.startswith(f"--{group}."):
+            key = arg[2:].split("=", 1)[0]
+            matches = [k for k in config.keys() if k == key or k.replace(".init_args.", ".") == key]
+            keys += matches or [k for k in config.keys() if k.startswith(key + ".")]
+    return keys
 
 
 def main(args: list[str] | None = None) -> None:

@@ -109,6 +109,30 @@ def translate(images: Tensor, max_shift: int) -> Tensor:
     return images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w)
 
 
+def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contrast: float) -> Tensor:
+    """Brightness and contrast jitter, one random draw per image: in normalized units z = (x - mean) / std,
+    z -> (z + u * brightness) * (1 + v * contrast) with u, v uniform in [-1, 1]. Float pixels in, float out."""
+    n = len(images)
+    shift = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * brightness
+    factor = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * contrast + 1
+    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    return ((images.float() - mean) / std + shift) * factor * std + mean
+
+
+def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in pixel units, in float64
+    chunks (no float copy of the whole set)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for part in images.split(chunk):
+        part = part.transpose(0, 1).reshape(images.shape[1], -1).double()
+        total += part.sum(1)
+        squares += part.square().sum(1)
+    count = images.numel() / images.shape[1]
+    mean = total / count
+    return mean.float(), (squares / count - mean.square()).sqrt().float()
+
+
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """collate_fn for TensorBatches: the batch is already stacked."""
     return batch
@@ -138,6 +162,11 @@ class CIFAR10DataModule(LightningDataModule):
             (airbench); `none`.
         translate: Shift each training image by up to this many pixels in x and y (reflected border), on the
             device; 0: off.
+        brightness: Shift each training image's pixels by one random amount in [-brightness, brightness], in
+            standard deviations of the training pixels (per channel), on the device; 0: off.
+        contrast: Scale each training image's deviation from the training pixels' mean by one random factor
+            in [1 - contrast, 1 + contrast], on the device; 0: off. With `brightness`, the jitter of hiverge's
+            cifar10-speedrun (0.14 and 0.13 there): on normalized images, (x + shift) * factor.
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
@@ -158,6 +187,8 @@ class CIFAR10DataModule(LightningDataModule):
         skip_bad_images: bool = False,
         flip: Literal["none", "random", "alternating"] = "none",
         translate: int = 0,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
         data_on_device: bool = True,
         allow_overlap: bool = False,
     ):
@@ -172,6 +203,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.predict_dir = Path(predict_dir) if predict_dir else None
         self.skip_bad_images = skip_bad_images
         self.flip, self.translate, self.data_on_device = flip, translate, data_on_device
+        self.brightness, self.contrast = brightness, contrast
         self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
         self.listed: dict[str, tuple[list[Path], list[int]]] = {}  # "train"/"test": image folder files, labels
@@ -258,6 +290,8 @@ class CIFAR10DataModule(LightningDataModule):
                       "train": len(train), "val": len(val), "test": len(test)}  # fmt: skip
         self.held_out = torch.cat([val, test]).sort().values.int()  # never trained on
         self.train_dataset = TensorBatches(images[train], labels[train])
+        if self.brightness or self.contrast:  # the jitter's units: the training pixels' mean and std per channel
+            self.pixel_mean, self.pixel_std = channel_statistics(self.train_dataset.images)
         if self.flip == "alternating":  # a random half starts mirrored; on_after_batch_transfer flips odd epochs
             # Drawn next from the split's generator, not the run's seed: every DDP rank, and a resumed run
             # whatever its --seed_everything, mirrors the same half.
@@ -332,6 +366,9 @@ class CIFAR10DataModule(LightningDataModule):
             images = images.flip(-1)
         if self.translate:
             images = translate(images, self.translate)
+        if self.brightness or self.contrast:  # float pixels from here on: the model normalizes them as it does uint8
+            images = jitter(images, self.pixel_mean.to(images.device), self.pixel_std.to(images.device),
+                            self.brightness, self.contrast)  # fmt: skip
         return images, labels
 
     def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:

@@ -5,6 +5,8 @@ A net that needs data to initialize defines `init_from_data(images)`: LitModel c
 of a new fit with up to 5,000 normalized training images (a resumed fit restores the weights instead).
 """
 
+from typing import Literal
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -62,18 +64,22 @@ class TorchvisionNet(nn.Module):
         return self.model(x)
 
 
-class ConvGroup(nn.Sequential):
-    """conv 3x3 -> max pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU (BN with a bias but no scale)."""
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
-    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float):
+
+class ConvGroup(nn.Sequential):
+    """conv 3x3 -> max pool 2 -> BN -> act -> conv 3x3 -> BN -> act (BN with a bias but no scale)."""
+
+    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float, activation: str = "gelu"):
         def norm() -> nn.BatchNorm2d:  # airbench's momentum 0.6 keeps 60% of the old statistics: torch's 0.4
             bn = nn.BatchNorm2d(channels_out, eps=1e-12, momentum=1 - batchnorm_momentum)
             bn.weight.requires_grad_(False)  # a scale would only duplicate the next conv's
             return bn
 
+        act = ACTIVATIONS[activation]
         super().__init__(
-            nn.Conv2d(channels_in, channels_out, 3, padding="same", bias=False), nn.MaxPool2d(2), norm(), nn.GELU(),
-            nn.Conv2d(channels_out, channels_out, 3, padding="same", bias=False), norm(), nn.GELU(),
+            nn.Conv2d(channels_in, channels_out, 3, padding="same", bias=False), nn.MaxPool2d(2), norm(), act(),
+            nn.Conv2d(channels_out, channels_out, 3, padding="same", bias=False), norm(), act(),
         )  # fmt: skip
         for conv in (self[0], self[4]):  # identity on the first channels: each group starts near a skip path
             nn.init.dirac_(conv.weight.data[: conv.in_channels])
@@ -90,19 +96,22 @@ class AirbenchNet(nn.Module):
         widths: Channels of the three conv groups.
         batchnorm_momentum: Fraction of the running BatchNorm statistics kept at each step.
         whiten_kernel_size: Side of the image patches the first layer whitens; it has 2 * 3 * side^2 channels.
+        activation: Nonlinearity of the conv groups: `gelu` (airbench) or `silu` (hiverge's cifar10-speedrun,
+            the 2025 record); the whitened input always goes through a GELU.
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
-                 batchnorm_momentum: float = 0.6, whiten_kernel_size: int = 2):  # fmt: skip
+                 batchnorm_momentum: float = 0.6, whiten_kernel_size: int = 2,
+                 activation: Literal["gelu", "silu"] = "gelu"):  # fmt: skip
         super().__init__()
         k = whiten_kernel_size
         self.whiten = nn.Conv2d(3, 2 * 3 * k * k, k, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data's patch covariance, then fixed
         self.layers = nn.Sequential(
             nn.GELU(),
-            ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum),
-            ConvGroup(widths[0], widths[1], batchnorm_momentum),
-            ConvGroup(widths[1], widths[2], batchnorm_momentum),
+            ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum, activation),
+            ConvGroup(widths[0], widths[1], batchnorm_momentum, activation),
+            ConvGroup(widths[1], widths[2], batchnorm_momentum, activation),
             nn.AdaptiveMaxPool2d(1),  # airbench: MaxPool2d(3) over the last 3x3 map; this takes any image size
             nn.Flatten(),
         )
@@ -116,7 +125,8 @@ class AirbenchNet(nn.Module):
     @torch.no_grad()
     def init_from_data(self, images: Tensor, eps: float = 5e-4) -> None:
         """Whitening: the first layer's filters are the eigenvectors of the covariance of the images'
-        k x k patches, scaled by 1/sqrt(eigenvalue + eps), each once positive and once negated."""
+        k x k patches, scaled by 1/sqrt(eigenvalue + eps), each once positive and once negated. (hiverge's record
+        takes them from an SVD of that covariance: for a symmetric matrix the same vectors and values.)"""
         k = self.whiten.kernel_size[0]
         x = images.float().cpu()
         patches = x.unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)

@@ -132,7 +132,7 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
     common = ["--config", FAST_CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "0",
               "--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "4", "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false", "--seed_everything", "0", "--trainer.accelerator", "cpu",
-              # the SGD learning rates scaled from batch 2000 to 16 (README); unscaled, 4 epochs of 48 images
+              # the SGD learning rates scaled down to batch 16 (README); unscaled, 4 epochs of 48 images
               # land anywhere from 33% to 100% test accuracy, on one process or two, depending on the seed
               "--model.optimizer.init_args.bias_lr", "0.85", "--model.optimizer.init_args.head_lr", "10.7"]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.batch_size", "8"]  # 2 x 8 = 16 per step

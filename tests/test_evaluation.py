@@ -103,9 +103,14 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     make_folder_data(tmp_path / "more", per_class=16, test_per_class=2)
     shutil.copytree(tmp_path / "more/test", data / "test")
     caplog.clear()
-    main(["test", *common, "--ckpt_path", "best", "--data.test_size", "null"])
+    main(["test", *common, "--ckpt_path", "best", "--data.test_size", "null", "--model.tta", "1"])
     assert re.search(rf"Evaluating test images: image folders in {data / 'test'} \(6 images, fingerprint [0-9a-f]+\): "
                      rf"other data than checkpoint", caplog.text), caplog.text
+    # A model option typed on the command line wins over the checkpoint's (which LightningCLI puts over it).
+    wandb.finish()
+    separate = max((tmp_path / "runs/cifar").glob("*-test-*"))
+    assert "\n  tta: 1\n" in (separate / "config.yaml").read_text() and last["hyper_parameters"]["tta"] == 0
+    assert wandb_records.config(only(separate.glob("wandb/offline-run-*/run-*.wandb")))["tta"] == 1
 
     # A checkpoint from before these records (no training record, no run): loads, said once; no split to adopt.
     old = {k: v for k, v in last.items() if k not in ("CIFAR10DataModule", "run")}

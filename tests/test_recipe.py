@@ -60,6 +60,34 @@ def test_flips_on_training_batches_only(folder_data):
     assert ((out == images).flatten(1).all(1) | mirrored).all() and 0.3 < mirrored.float().mean() < 0.7
 
 
+def test_brightness_and_contrast_jitter_each_training_image_in_normalized_units(folder_data):
+    dm = CIFAR10DataModule(str(folder_data), val_size=12, brightness=0.2, contrast=0.3)
+    dm.setup("fit")
+    pixels = dm.train_dataset.images.double()
+    mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3), correction=0).view(1, 3, 1, 1)
+    torch.testing.assert_close(dm.pixel_mean.view(1, 3, 1, 1).double(), mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dm.pixel_std.view(1, 3, 1, 1).double(), std, rtol=1e-5, atol=1e-4)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    images = dm.train_dataset.images[:24]
+    out = dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0].double()
+    z, z_out = (images.double() - mean) / std, (out - mean) / std
+    # z_out = (z + shift) * factor per image: factor from the spread, shift from the mean
+    factor = z_out.flatten(1).std(1) / z.flatten(1).std(1)
+    shift = z_out.flatten(1).mean(1) / factor - z.flatten(1).mean(1)
+    torch.testing.assert_close(z_out, (z + shift.view(-1, 1, 1, 1)) * factor.view(-1, 1, 1, 1), rtol=1e-5, atol=1e-5)
+    assert ((factor - 1).abs() <= 0.3 + 1e-6).all() and (shift.abs() <= 0.2 + 1e-6).all()
+    assert factor.std() > 0.05 and shift.std() > 0.03  # one draw per image
+    dm.trainer.training = False  # evaluation batches: untouched uint8
+    assert dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0] is images
+
+
+def test_silu_replaces_gelu_in_the_conv_groups_only():
+    net = AirbenchNet(num_classes=3, widths=(8, 16, 16), activation="silu")
+    kinds = [type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.GELU | torch.nn.SiLU)]
+    assert kinds == ["GELU"] + ["SiLU"] * 6  # after the whitening, then two per conv group
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
 def test_airbench_net_whitens_patches_and_fits_any_size():
     net = AirbenchNet(num_classes=3)
     images = torch.randn(200, 3, 32, 32) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
@@ -70,6 +98,12 @@ def test_airbench_net_whitens_patches_and_fits_any_size():
     covariance = out.T @ out / len(out)
     torch.testing.assert_close(covariance, torch.eye(12), atol=0.02, rtol=0)
     assert net(images[:2]).shape == (2, 3) and net(torch.randn(2, 3, 40, 40)).shape == (2, 3)
+    # hiverge's SVD of the patch covariance gives the same filters (in another order, up to sign)
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12)
+    u, singular, _ = torch.linalg.svd(patches.T @ patches / len(patches))
+    by_svd = (u / torch.sqrt(singular + 5e-4)).T
+    ours = net.whiten.weight[:12].reshape(12, -1)
+    torch.testing.assert_close((ours @ by_svd.T).abs().amax(1), ours.square().sum(1), rtol=1e-3, atol=1e-3)
     assert sum(p.numel() for p in AirbenchNet().parameters()) == pytest.approx(1.97e6, rel=0.02)
 
 
@@ -162,8 +196,25 @@ def test_freeze_after_takes_the_learning_rate_to_zero_then_holds_the_parameter(s
 def test_freeze_after_names_a_parameter_of_the_model():
     with pytest.raises(UserError, match=r"no parameter 'net.whiten.bais' \(it has e.g. 'net.whiten.weight'\)"):
         LitModel(AirbenchNet(num_classes=3), num_classes=3, freeze_after={"net.whiten.bais": 3})
-    with pytest.raises(UserError, match="at least 1 epoch"):
+    with pytest.raises(UserError, match="more than 0 epochs, not 0"):
         LitModel(AirbenchNet(num_classes=3), num_classes=3, freeze_after={"net.whiten.bias": 0})
+
+
+def test_freeze_after_a_fraction_of_an_epoch_counts_in_batches(folder_data):
+    """hiverge's whitening bias: trained for 0.19 epochs, its rate falling linearly to 0; here half an epoch of 3
+    batches: full rate at batch 0, a third at batch 1 (1/3 epoch in), 0 from batch 2 on."""
+    model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3,
+                     optimizer=partial(Muon, lr=0.05, bias_lr=0.05, head_lr=0.05),
+                     freeze_after={"net.whiten.bias": 0.5}, freeze_schedule="linear")  # fmt: skip
+    record = RecordFreeze()
+    trainer = Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[record])  # fmt: skip
+    trainer.fit(model, CIFAR10DataModule(str(folder_data), val_size=12, batch_size=16))  # 36 images: 3 batches
+    assert record.lrs == pytest.approx([0.05, 0.05 / 3, 0.0, 0.0, 0.0, 0.0])
+    start, first, second = record.weights
+    bias = "net.whiten.bias"
+    assert not torch.equal(start[bias], first[bias]) and torch.equal(first[bias], second[bias])
 
 
 def test_tta_averages_mirrored_and_shifted_views():
@@ -180,6 +231,25 @@ def test_tta_averages_mirrored_and_shifted_views():
         torch.testing.assert_close(model.evaluate(images), mirrored(x).detach())
         model.tta = 0
         torch.testing.assert_close(model.evaluate(images), model(images))
+
+
+def test_tta_fraction_gives_the_views_to_the_least_confident_images_in_validation_only():
+    """hiverge's evaluation: the plain pass for every image, the full TTA for the least confident quarter."""
+    model = LitModel(TutorialCNN(num_classes=3), num_classes=3, tta=2, tta_fraction=0.25).eval()
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        plain, full = model(images), model.evaluate(images)
+        least = plain.softmax(-1).amax(-1).argsort()[:2]  # 25% of 8
+        expected = plain.clone()
+        expected[least] = full[least]
+        torch.testing.assert_close(model.evaluate(images, 0.25), expected)
+        assert not torch.allclose(expected, full)  # the other six kept the plain logits
+        _, logits = model._step((images, labels), "val")
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(model.predict_step((images, labels), 0), full.softmax(-1))  # predict: every image
+        torch.testing.assert_close(model.evaluate(images[:1], 0.25), full[:1])  # at least one image gets the views
+    with pytest.raises(UserError, match=r"tta_fraction must be in \(0, 1\], not 0"):
+        LitModel(TutorialCNN(num_classes=3), num_classes=3, tta=2, tta_fraction=0)
 
 
 def test_label_smoothing_applies_to_the_training_loss_only():
@@ -216,8 +286,8 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     assert torch.equal(bias("epoch=2.ckpt"), bias("epoch=3.ckpt"))  # then fixed
     groups = ckpt["last.ckpt"]["optimizer_states"][0]["param_groups"]  # the config's values, not Adam's leftovers
     assert [(g["kind"], g["initial_lr"], g.get("freeze_after")) for g in groups] == [
-        ("muon", 0.24, None), ("bias", 106.0, None), ("head", 1340.0, None), ("bias", 106.0, 3)]  # fmt: skip
-    assert groups[1]["weight_decay"] * 106.0 == pytest.approx(0.004)
+        ("muon", 0.205, None), ("bias", 88.0, None), ("head", 831.7, None), ("bias", 88.0, 3)]  # fmt: skip
+    assert groups[1]["weight_decay"] * 88.0 == pytest.approx(0.0016)
     assert ckpt["last.ckpt"]["hyper_parameters"]["freeze_after"] == {"net.whiten.bias": 3}
     schedule = ckpt["last.ckpt"]["lr_schedulers"][0]
     assert schedule["total_steps"] == ckpt["last.ckpt"]["global_step"] == 4 * 5  # 66 train images / 16 per batch
@@ -260,8 +330,9 @@ def test_data_moves_to_the_accelerator_once(folder_data):
 def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     """The hot path (batch augmentation, forward, metric updates, backward, Muon step) and an evaluation
     step with TTA: any `.item()`, `.tolist()` or `if tensor:` there would be a GPU sync every step."""
-    model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2)
-    dm = CIFAR10DataModule("unused", flip="random", translate=2)
+    model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2, tta_fraction=0.25)
+    dm = CIFAR10DataModule("unused", flip="random", translate=2, brightness=0.1, contrast=0.1)
+    dm.pixel_mean, dm.pixel_std = torch.full((3,), 120.0), torch.full((3,), 60.0)
     dm.trainer = SimpleNamespace(training=True, current_epoch=1)
     optimizer = Muon(model.parameters(), lr=0.1, bias_lr=0.1, head_lr=0.1)
     batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))
