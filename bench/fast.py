@@ -10,6 +10,7 @@ the final evaluation included. Anything after `--` is passed to main.py (e.g. `-
 """
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -24,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(seed: int, data: str, extra: list[str], keep: str | None) -> dict:
-    with tempfile.TemporaryDirectory() as temporary:
-        root = str(Path(keep, f"seed{seed}").resolve()) if keep else temporary
+    kept = contextlib.nullcontext(str(Path(keep, f"seed{seed}").resolve())) if keep else None
+    with kept or tempfile.TemporaryDirectory() as root:
         command = [sys.executable, "main.py", "fit", "--config", "configs/fast.yaml", "--seed_everything", str(seed),
                    "--data.data_dir", data, "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false",
                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", root, *extra]  # fmt: skip

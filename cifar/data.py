@@ -116,7 +116,7 @@ def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contras
     shift = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * brightness
     factor = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * contrast + 1
     mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    return ((images.float() - mean) / std + shift) * factor * std + mean
+    return (images.float() - mean + shift * std) * factor + mean  # the same, back in pixels
 
 
 def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
@@ -367,8 +367,9 @@ class CIFAR10DataModule(LightningDataModule):
         if self.translate:
             images = translate(images, self.translate)
         if self.brightness or self.contrast:  # float pixels from here on: the model normalizes them as it does uint8
-            images = jitter(images, self.pixel_mean.to(images.device), self.pixel_std.to(images.device),
-                            self.brightness, self.contrast)  # fmt: skip
+            if self.pixel_mean.device != images.device:  # once, not a host-to-device copy every step
+                self.pixel_mean, self.pixel_std = self.pixel_mean.to(images.device), self.pixel_std.to(images.device)
+            images = jitter(images, self.pixel_mean, self.pixel_std, self.brightness, self.contrast)
         return images, labels
 
     def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:
