@@ -109,7 +109,7 @@ def in_process_images_per_s(ckpt_path: str, batch: int, precision: str, seconds:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", required=True, help="a .ckpt path (`best`/`last` need the app's --root)")
+    parser.add_argument("--ckpt_path", required=True, help="a .ckpt path (`best`/`last` are the app's)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--requests", type=int, default=2000, help="answers per setting (each client stops after)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per setting, at most")

@@ -15,11 +15,11 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
 from cifar.errors import UserError
-from cifar.provenance import OVERLAPS
-from cifar.runs import fit_run_of
+from cifar.run import OVERLAPS, evaluation_of
 
 
 class ImagePredictionLogger(Callback):
@@ -126,17 +126,24 @@ class TestReport(Callback):
         super().__init__()
         self.num_samples = num_samples
         self.num_mistakes = num_mistakes
+        self.written = False  # this test's figures, once on_test_epoch_end has made them
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.report: dict | None = None  # TestReport.provenance, once the epoch's figures are written
+        n = len(trainer.datamodule.classes)
+        # Summed over every rank's share by torchmetrics itself at `compute`.
+        self.confusion = MulticlassConfusionMatrix(n, validate_args=False).to(pl_module.device)
+        self.class_accuracy = MulticlassAccuracy(n, average=None, validate_args=False).to(pl_module.device)
         self.probs: list[Tensor] = []
         self.labels: list[Tensor] = []
         self.samples: list[Tensor] = []
         self.mistakes: list[Tensor] = []  # images, labels, probs of the most confident mistakes so far
+        self.written = False
 
     def on_test_batch_end(self, trainer, pl_module, outputs: Tensor, batch, batch_idx: int, dataloader_idx: int = 0):
         images, labels = batch
         probs = outputs.float().softmax(dim=-1)
+        self.confusion.update(probs, labels)
+        self.class_accuracy.update(probs, labels)
         self.probs.append(probs)
         self.labels.append(labels)
         if (seen := sum(map(len, self.samples))) < self.num_samples:
@@ -151,19 +158,16 @@ class TestReport(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.probs:
             return
-        probs, labels = torch.cat(self.probs), torch.cat(self.labels)
-        preds = probs.argmax(dim=-1)
         classes = trainer.datamodule.classes
-        n = len(classes)
-        confusion = torch.bincount(labels * n + preds, minlength=n * n).view(n, n)  # rows: label
-        if trainer.world_size > 1:  # every rank's share of the test set (the sampler may repeat a few images)
-            confusion = pl_module.all_gather(confusion).sum(dim=0)
-        confusion = confusion.cpu()
-        for name, right, total in zip(classes, confusion.diag().tolist(), confusion.sum(dim=1).tolist()):
-            if total:
-                pl_module.log(f"test_acc/{name}", right / total, rank_zero_only=True)
+        confusion = self.confusion.compute().cpu()  # rows: label
+        seen = confusion.sum(dim=1)
+        for name, accuracy, count in zip(classes, self.class_accuracy.compute().tolist(), seen.tolist()):
+            if count:  # a class with no test image has no accuracy
+                pl_module.log(f"test_acc/{name}", accuracy, rank_zero_only=True)
         if not trainer.is_global_zero:
             return
+        probs, labels = torch.cat(self.probs), torch.cat(self.labels)
+        preds = probs.argmax(dim=-1)
         step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -174,26 +178,28 @@ class TestReport(Callback):
                     logger.log_table("test/mistakes", *prediction_rows(*self.mistakes, classes), step=step)
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.report = self.provenance(trainer)  # for test_report.json too (on_test_end, once metrics are final)
-        confusion_figure(confusion, classes, self.report).savefig(run_dir / "confusion_matrix.png", dpi=100)
+        provenance = self.provenance(trainer)
+        confusion_figure(confusion, classes, provenance).savefig(run_dir / "confusion_matrix.png", dpi=100)
         images = torch.cat(self.samples).cpu()
         preds, labels = preds[: len(images)].cpu(), labels[: len(images)].cpu()
         captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
         captioned_grid(images, captions, correct=(preds == labels).tolist()).save(run_dir / "test_examples.png")
+        self.written = True
 
-    def provenance(self, trainer: Trainer) -> dict:
-        """The checkpoint tested, its fit run, and the data evaluated (`CIFAR10DataModule.evaluation`)."""
-        evaluation = getattr(trainer.datamodule, "evaluation", None) or {}
+    @staticmethod
+    def provenance(trainer: Trainer) -> dict:
+        """The checkpoint tested, its fit run, the data evaluated and its overlap, as the run records them."""
+        evaluation = evaluation_of(trainer) or {}
         ckpt_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        return {"checkpoint": ckpt_path, "fit_run": fit_run_of(ckpt_path) if ckpt_path else None,
-                "data": evaluation.get("data"), "overlap": evaluation.get("overlap"), "note": evaluation.get("note")}  # fmt: skip
+        return {"checkpoint": ckpt_path, "fit_run": evaluation.get("fit_run"), "data": evaluation.get("data"),
+                "overlap": evaluation.get("overlap"), "note": evaluation.get("note")}  # fmt: skip
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (trainer.is_global_zero and getattr(self, "report", None)):
+        if not (trainer.is_global_zero and self.written):
             return
         run_dir = Path(trainer.default_root_dir)
         metrics = {name: value.item() for name, value in trainer.callback_metrics.items()}
-        report = {**self.report, "metrics": metrics}
+        report = {**self.provenance(trainer), "metrics": metrics}
         (run_dir / "test_report.json").write_text(json.dumps(report, indent=1) + "\n")
         rank_zero_info(f"Test report written to {run_dir / 'test_report.json'}, {run_dir / 'confusion_matrix.png'} "
                        f"and {run_dir / 'test_examples.png'}")  # fmt: skip

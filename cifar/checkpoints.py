@@ -1,6 +1,6 @@
 """Checkpoints written whole or not at all, and read without running any code they may carry.
 
-Which checkpoint `--ckpt_path best|last` means is the run module's business (`cifar/runs.py`).
+Which checkpoint `--ckpt_path best|last` means is the run module's business (`cifar/run.py`).
 """
 
 import os

@@ -1,36 +1,38 @@
 """The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, plain
-typed functions for the tools (export), and every mistake a user can make as one line with exit code 2.
+typed functions for the tools (export, serve), and every mistake a user can make as one line with exit code 2.
 
-What a run writes and where, its W&B id, and `--ckpt_path best|last` follow the rules in `cifar/runs.py`;
-which images a checkpoint is evaluated on, those in `cifar/provenance.py`.
+Every command takes `--config` and `--ckpt_path best|last|PATH`; what they mean, and everything else about
+a run (its directory, W&B id, record, lock, and what a checkpoint may be evaluated on), is `cifar/run.py`'s.
 """
 
+import logging
 import sys
 import warnings
 from pathlib import Path
 
 import wandb.errors
-from jsonargparse import ArgumentError, auto_cli
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import Path_fr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from cifar.data import CIFAR10DataModule
+from cifar import run
+from cifar.checkpoints import load_checkpoint
+from cifar.data import SPLIT_OPTIONS, CIFAR10DataModule
 from cifar.errors import UserError
 from cifar.export import export
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
-from cifar.provenance import adopt_split, given_on_command_line
-from cifar.runs import Run, RunSaver, class_of, entries, resolve_checkpoint
 from cifar.serve import serve
 from cifar.stopping import Stopped, StopOnSignal
-from cifar.wandb_mode import offline_without_a_key
 
 TOOLS = {"export": export, "serve": serve}  # subcommands that are not training: `main.py export --help`
 
 
 class CifarCLI(LightningCLI):
-    """LightningCLI with linked class counts, a directory per run, and `--ckpt_path best|last` from disk."""
+    """LightningCLI with linked class counts and the run record of `cifar/run.py`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the number of classes; model and net follow (no number typed twice).
@@ -39,63 +41,101 @@ class CifarCLI(LightningCLI):
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")  # saved in checkpoints
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """Parse, then turn `--ckpt_path best|last` into a file, before LightningCLI reads the checkpoint's
-        hyperparameters (so `test` rebuilds the network that was trained)."""
+        """Parse; then turn `--ckpt_path best|last` into a file and, with no `--config`, parse again on top of
+        that run's own config (cifar/run.py, rules 5-6). Before LightningCLI reads the checkpoint's
+        hyperparameters, so `test` rebuilds the network that was trained."""
         super().parse_arguments(parser, args)
-        self.argv = sys.argv[1:] if args is None else list(args) if isinstance(args, list) else []
-        config = self.config.get(self.config.get("subcommand") or "")
-        if config is not None and config.get("ckpt_path"):
-            config.ckpt_path = str(resolve_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir)))
-            self.typed_model_options = {key: config[key] for key in typed_options(self.argv, "model", config)}
+        self.argv = sys.argv[1:] if args is None else list(args)
+        command = self.config.get("subcommand")
+        config = self.config.get(command) if command else None
+        if config is None or not config.get("ckpt_path"):
+            return
+        ckpt_path = run.find_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir))
+        if not config.get("config") and (start := run.config_of(ckpt_path)):
+            at = self.argv.index(command) + 1
+            self.config = parser.parse_args([*self.argv[:at], "--config", str(start), *self.argv[at:]])
+            config = self.config[command]
+            rank_zero_info(f"Config: {start}, the checkpoint's run's (options on the command line win)")
+        config.ckpt_path = str(ckpt_path)
+        # LightningCLI next puts the checkpoint's hyperparameters over the whole config, the command line
+        # included (Lightning #20801, #21455): what the user typed (`--model.tta 0`) is put back on top after.
+        self.typed = {key: config[key] for key in typed_options(self.argv, config)}
 
     def before_instantiate_classes(self) -> None:
-        """The run directory hook: this command's run, its paths in the config, W&B online or offline, and the
-        split of the checkpoint's data (cifar/provenance.py, rule 1)."""
         config = self.config[self.subcommand]
-        # Between parsing and this hook, LightningCLI puts the checkpoint's hyperparameters over the whole config,
-        # the command line included (Lightning issues #20801, #21455): the config file's model yields to the
-        # checkpoint (test rebuilds the net that was trained), but what the user typed (`--model.tta 0`) must win.
-        for key, value in getattr(self, "typed_model_options", {}).items():
-            config[key] = value
+        for key, value in getattr(self, "typed", {}).items():
+            if key.startswith("model."):
+                config[key] = value
+        run.preflight(self.subcommand, config.data)
+        evaluation = trained_on = None
         if config.ckpt_path and self.subcommand in ("fit", "validate", "test"):
-            adopt_split(config.data, config.ckpt_path, given_on_command_line(self.argv), self.subcommand)
-        run = Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
-        self.save_config_kwargs = {"run": run, "user_config": config.clone()}  # for RunSaver
-        run.configure(config)
-        for logger in entries(config.trainer.logger):
-            if issubclass(class_of(logger.class_path), WandbLogger):
-                offline_without_a_key(logger.init_args)
+            split_typed = {key.split(".")[1] for key in getattr(self, "typed", {})} & set(SPLIT_OPTIONS)
+            evaluation = run.evaluation(self.subcommand, config.data, split_typed, Path(config.ckpt_path))
+            if self.subcommand == "fit":
+                trained_on = run.training_record(load_checkpoint(Path(config.ckpt_path)))
+        this_run = run.Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
+        # Rule 3, before the trainer starts W&B: only a resumed run can have another writer (a new one has a new
+        # directory); rank 0 by the launcher's environment, as Lightning's rank_zero_only knows it this early.
+        held = this_run.lock() if this_run.resumed and rank_zero_only.rank == 0 else None
+        self.save_config_kwargs = {"run": this_run, "user_config": config.clone(), "evaluation": evaluation,
+                                   "trained_on": trained_on, "held": held}  # fmt: skip
+        this_run.configure(config)
 
     def before_fit(self) -> None:
         keep_freed_memory()  # training only: larger RSS for faster CPU steps (cifar/malloc.py)
 
 
-def typed_options(argv: list[str], group: str, config) -> list[str]:
-    """The keys of `config` that `--group.x.y` arguments in argv set (`--model.optimizer.lr` sets the key
+def typed_options(argv: list[str], config) -> list[str]:
+    """The keys of `config` that `--model.*` and `--data.*` arguments in argv set (`--model.optimizer.lr` sets
     `model.optimizer.init_args.lr`)."""
     keys = []
     for arg in argv:
-        if arg.startswith(f"--{group}."):
+        if arg.startswith(("--model.", "--data.")):
             key = arg[2:].split("=", 1)[0]
             matches = [k for k in config.keys() if k == key or k.replace(".init_args.", ".") == key]
             keys += matches or [k for k in config.keys() if k.startswith(key + ".")]
     return keys
 
 
+def run_tool(name: str, argv: list[str]) -> None:
+    """A tool (`export`, `serve`) as a typed function, plus the options every command shares: `--config` says
+    where `best` and `last` look, and `--ckpt_path` is resolved as for training commands (cifar/run.py)."""
+    tool = TOOLS[name]
+    parser = ArgumentParser(prog=f"main.py {name}", exit_on_error=False, description=tool.__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path_fr | None, help="A training config (configs/*.yaml): `best` and `last` "
+                        "are looked up under its trainer.default_root_dir (default: runs/, every config's runs)")  # fmt: skip
+    parser.add_function_arguments(tool, as_group=False)
+    options = parser.parse_args(argv).as_dict()
+    config_path = options.pop("config", None)
+    config = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+    root = Path(((config or {}).get("trainer") or {}).get("default_root_dir") or "runs")
+    options["ckpt_path"] = str(run.find_checkpoint(options["ckpt_path"], root))
+    tool(**options)
+
+
+class NoAdvertisements(logging.Filter):
+    """Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" through its rank-zero logger in every
+    command: a filter on that logger (Lightning's console output is plain Python logging) drops just those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdvertisements())
     argv = sys.argv[1:] if args is None else args
     stopper = StopOnSignal()
     try:
         if argv and argv[0] in TOOLS:
-            auto_cli(TOOLS[argv[0]], args=argv[1:], as_positional=False, exit_on_error=False, prog=f"main.py {argv[0]}")
+            run_tool(argv[0], argv[1:])
             return
         CifarCLI(
             LitModel,
             CIFAR10DataModule,
-            save_config_callback=RunSaver,
+            save_config_callback=run.RunRecord,
             trainer_defaults={"default_root_dir": "runs", "callbacks": [stopper]},  # StopOnSignal: always there
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
             args=args,

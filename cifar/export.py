@@ -20,26 +20,22 @@ from torch import Tensor, nn
 
 from cifar.checkpoints import load_checkpoint
 from cifar.errors import UserError
-from cifar.module import LitModel, normalize, tta_logits
-from cifar.runs import resolve_checkpoint
+from cifar.module import LitModel
 
 FORMATS = {"onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".pt"}
 BATCH = torch.export.Dim("N", min=1, max=65536)  # the free batch axis of every format
 
 
 class Probabilities(nn.Module):
-    """The model as served: uint8 images (N, 3, H, W) -> class probabilities (N, classes)."""
+    """The model as served: uint8 images (N, 3, H, W) -> class probabilities (N, classes), with the checkpoint's
+    test-time augmentation for every image, as `predict` runs it."""
 
     def __init__(self, model: LitModel):
         super().__init__()
-        # The network and buffers, not the LightningModule itself, which tracing cannot walk (no Trainer).
-        self.net = model.net
-        self.register_buffer("scale", model.scale.clone())
-        self.register_buffer("shift", model.shift.clone())
-        self.tta = model.tta  # the checkpoint's test-time augmentation, as `predict` runs it
+        self.classifier = model.classifier  # the LightningModule itself cannot be traced (it has no Trainer)
 
     def forward(self, images: Tensor) -> Tensor:
-        return tta_logits(self.net, normalize(images, self.scale, self.shift), self.tta).softmax(dim=-1)
+        return self.classifier(images).softmax(dim=-1)
 
 
 def load_model(ckpt_path: Path) -> tuple[LitModel, list[str]]:
@@ -61,23 +57,18 @@ def export(
     ckpt_path: str,
     format: Literal["onnx", "torch_export", "torchscript"] = "onnx",
     output: str | None = None,
-    root: str = "runs/cifar",
 ) -> Path:
     """Export a checkpoint's model for serving: uint8 images in, class probabilities out, class names inside.
 
     Args:
-        ckpt_path: The checkpoint: `best` or `last` (of the latest run under `root`), or a .ckpt path.
+        ckpt_path: The checkpoint: `best` or `last` (of the latest run under the `--config`'s
+            trainer.default_root_dir, else under runs/), or a .ckpt path.
         format: `onnx` (for onnxruntime and most servers), `torch_export` (a .pt2 for `torch.export.load`), or
             `torchscript` (deprecated by torch 2.14: use torch_export; for `torch.jit.load` while torch reads it).
         output: The file to write (default: beside the checkpoint, `.onnx`, `.pt2` or `.pt`); never overwritten.
-        root: Where `best` and `last` look: the `trainer.default_root_dir` of the config that trained it
-            (runs/cifar for configs/cifar.yaml, runs/fast for configs/fast.yaml).
+
+    Returns the path written.
     """
-    return export_checkpoint(resolve_checkpoint(ckpt_path, Path(root)), format, output)
-
-
-def export_checkpoint(ckpt_path: Path, format: str = "onnx", output: str | None = None) -> Path:
-    """Export the model of `ckpt_path` to `output` (default: beside the checkpoint); returns the path written."""
     if format not in FORMATS:
         raise UserError(f"--format {format} is not one of {', '.join(FORMATS)}")
     ckpt_path = Path(ckpt_path)

@@ -1,8 +1,9 @@
 """The LightningModule: the classification *system* around a plain network.
 
-It owns what every backbone shares: uint8 -> normalized float on the model's device, cross-entropy,
-torchmetrics per stage (the tutorial shared one Accuracy object across stages, mixing their counts),
-and the optimizer. The network itself arrives ready-made from the config (`model.net`).
+`Classifier` is the model as every command runs it: uint8 images -> normalization -> the network (any
+`nn.Module` from the config, `model.net`) -> test-time augmentation -> logits. `LitModel` adds what
+training needs: cross-entropy, torchmetrics per stage, the optimizer and its schedule. `predict`,
+`export` and `serve` run the same `Classifier`.
 """
 
 import math
@@ -12,19 +13,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar.errors import UserError
 from cifar.nets import TutorialCNN
 
-
-def normalize(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """uint8 pixels -> (pixels / 255 - mean) / std, as one multiply-add (scale = 1 / (255 std), shift = mean / std)."""
-    return images.float() * scale - shift
+STAGES = ("train", "val", "test")
 
 
 def tta_logits(net: nn.Module, x: Tensor, tta: int) -> Tensor:
@@ -47,17 +46,45 @@ def tta_logits(net: nn.Module, x: Tensor, tta: int) -> Tensor:
     return (mirrored(x) + shifted) / 2
 
 
-def tta_least_confident(net: nn.Module, x: Tensor, tta: int, fraction: float) -> Tensor:
-    """`tta_logits` for the `fraction` of the images in x that the plain pass is least sure of (lowest top
-    softmax probability; at least one image), the plain pass's logits for the rest (hiverge's cifar10-speedrun
-    evaluates its least confident 25% this way, in about half the time of full TTA)."""
-    if tta == 0 or fraction >= 1:
-        return tta_logits(net, x, tta)
-    logits = net(x)
-    k = max(1, math.ceil(fraction * len(x)))
-    least = logits.softmax(-1).amax(-1).topk(k, largest=False).indices
-    logits[least] = tta_logits(net, x[least], tta).to(logits.dtype)
-    return logits
+class Classifier(nn.Module):
+    """uint8 images (N, 3, H, W) -> logits (N, classes): normalize, the network, test-time augmentation.
+
+    Args:
+        net: The network: normalized float images -> logits.
+        mean: Per-channel mean subtracted from pixels scaled to [0, 1].
+        std: Per-channel standard deviation the pixels are divided by.
+        tta: Test-time augmentation of `forward`: 0 none, 1 the mirror too, 2 also shifted copies (`tta_logits`).
+        channels_last: Run the network in channels_last memory format.
+    """
+
+    def __init__(self, net: nn.Module, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), tta: int = 0,
+                 channels_last: bool = False):  # fmt: skip
+        super().__init__()
+        self.net, self.tta = net, tta
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        # (pixels / 255 - mean) / std as one multiply-add on 0..255 pixels; not saved: they come from the config.
+        mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1 / (255 * std), persistent=False)
+        self.register_buffer("shift", mean / std, persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or float) pixels (N, 3, H, W) -> normalized float, in the network's memory format."""
+        return (images.float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+
+    def forward(self, images: Tensor, tta: int | None = None, fraction: float = 1.0) -> Tensor:
+        """Logits with `tta` (default: this model's) views for the `fraction` of the images the plain pass is
+        least sure of (lowest top softmax probability; at least one image), the plain logits for the rest
+        (hiverge's cifar10-speedrun evaluates its least confident 25% this way, in about half the time).
+        fraction 1, what predict, export and serve use: every image gets every view."""
+        x = self.normalize(images)
+        tta = self.tta if tta is None else tta
+        if tta == 0 or fraction >= 1:
+            return tta_logits(self.net, x, tta)
+        logits = self.net(x)
+        least = logits.softmax(-1).amax(-1).topk(max(1, math.ceil(fraction * len(x))), largest=False).indices
+        logits[least] = tta_logits(self.net, x[least], tta).to(logits.dtype)
+        return logits
 
 
 class LitModel(LightningModule):
@@ -98,78 +125,70 @@ class LitModel(LightningModule):
         num_classes: int = 10,
         optimizer: OptimizerCallable = lambda params: torch.optim.Adam(params, lr=2e-4),
         scheduler: LRSchedulerCallable | None = None,
-        label_smoothing: float = 0.0,
-        tta: int = 0,
-        tta_fraction: float = 1.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
+        tta: Literal[0, 1, 2] = 0,
+        tta_fraction: ClosedUnitInterval = 1.0,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.5, 0.5, 0.5),
         channels_last: bool = False,
         compile: bool = False,
         classes: list[str] | None = None,
-        freeze_after: dict[str, float] | None = None,
+        freeze_after: dict[str, PositiveFloat] | None = None,
         freeze_schedule: Literal["step", "linear"] = "step",
     ):
         super().__init__()
-        # Under LightningCLI, `net`, `optimizer` and `scheduler` are stored as their class_path/init_args dicts,
-        # so checkpoints hold no pickled objects and `load_from_checkpoint` can rebuild the net. Built in Python,
-        # they are the objects themselves, which `torch.load(weights_only=True)` refuses (and a lambda may not
-        # pickle at all): those are left out, as Lightning advises for modules (hence its warning is muted), and
-        # `load_from_checkpoint(path, net=...)` passes them back.
+        # Under LightningCLI, `net`, `optimizer` and `scheduler` arrive as objects but are saved as their
+        # class_path/init_args, so checkpoints hold no pickled objects and `load_from_checkpoint` can rebuild the
+        # net. Built in Python, they would be saved as the objects themselves, which `torch.load(weights_only=True)`
+        # refuses: those are left out (`load_from_checkpoint(path, net=...)` passes them back).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module`")
             self.save_hyperparameters()
         objects = [k for k in ("net", "optimizer", "scheduler") if not isinstance(self.hparams.get(k), dict | None)]
         if objects:
             self.save_hyperparameters(ignore=objects)  # again: also out of `hparams_initial`, which loggers get
-        self.net = net
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.label_smoothing = label_smoothing
-        if tta not in (0, 1, 2):
-            raise ValueError(f"tta must be 0, 1 or 2, not {tta}")
-        self.tta = tta
-        if not 0 < tta_fraction <= 1:
-            raise UserError(f"tta_fraction must be in (0, 1], not {tta_fraction}")
-        self.tta_fraction = tta_fraction
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net.to(memory_format=self.memory_format)
+        if tta_fraction == 0:
+            raise UserError("tta_fraction must be in (0, 1], not 0")
+        self.classifier = Classifier(net, mean, std, tta, channels_last)
         if compile:
-            self.net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain net
-        self.freeze_after, self.freeze_schedule = freeze_after or {}, freeze_schedule
-        names = [name for name, _ in self.named_parameters()]
-        for name, epochs in self.freeze_after.items():
+            net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain net
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.label_smoothing, self.tta_fraction = label_smoothing, tta_fraction
+        # Plain floats: they go into the optimizer's state, and checkpoints read with `weights_only=True` refuse
+        # jsonargparse's checked types (subclasses of float).
+        self.freeze_after = {name: float(epochs) for name, epochs in (freeze_after or {}).items()}
+        self.freeze_schedule = freeze_schedule
+        names = [name for name, _ in self.classifier.named_parameters()]
+        for name in self.freeze_after:
             if name not in names:
                 raise UserError(f"freeze_after: the model has no parameter {name!r} (it has e.g. {names[0]!r})")
-            if epochs <= 0:
-                raise UserError(f"freeze_after: {name!r} must train for more than 0 epochs, not {epochs}")
-        # Folded into one multiply-add on 0..255 pixels; not saved: they come from the config.
-        self.register_buffer("scale", 1 / (255 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
-        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1),
-                             persistent=False)  # fmt: skip
-        # One loss mean and one accuracy per stage, updated on the device every step and logged once per
-        # epoch: `self.log` costs about 1 ms a call on the CPU, a Metric update ~0.05 ms. Their input checks
-        # are off because each one reads a tensor on the host (`if nans.any()`, `torch.unique`): a GPU sync.
-        for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro", validate_args=False))
+        # Per stage, a loss mean and a MetricCollection, updated on the device every step and logged once per
+        # epoch (`self.log` costs ~1 ms a call on the CPU, an update ~0.05 ms). Input checks are off: each reads
+        # a tensor on the host (`if nans.any()`, `torch.unique`), a GPU sync.
+        self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in STAGES})
+        scores = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)})
+        self.scores = nn.ModuleDict({f"{s}_scores": scores.clone(prefix=f"{s}_") for s in STAGES})
+
+    @property
+    def net(self) -> nn.Module:
+        return self.classifier.net
 
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 images (N, 3, H, W) -> normalized float, in the network's memory format."""
-        return normalize(images, self.scale, self.shift).contiguous(memory_format=self.memory_format)
+        return self.classifier.normalize(images)
 
     def forward(self, images: Tensor) -> Tensor:
-        """uint8 images (N, 3, H, W) -> logits (N, num_classes)."""
-        return self.net(self.normalize(images))
+        """uint8 images (N, 3, H, W) -> logits (N, num_classes), without test-time augmentation (training)."""
+        return self.classifier(images, tta=0)
 
     def evaluate(self, images: Tensor, fraction: float = 1.0) -> Tensor:
-        """Logits for validation, test and predict: the mean over the `tta` views of each image (of the least
-        confident `fraction` of them)."""
-        return tta_least_confident(self.net, self.normalize(images), self.tta, fraction)
+        """Logits for validation, test and predict: with the model's `tta` (for the least confident `fraction`)."""
+        return self.classifier(images, fraction=fraction)
 
     def setup(self, stage: str) -> None:
         # Data-dependent init (AirbenchNet's whitening). A resumed fit then loads its checkpoint over it.
         if stage == "fit" and hasattr(self.net, "init_from_data"):
             images = self.trainer.datamodule.train_dataset.images[:5000]
-            self.net.init_from_data(self.normalize(images.to(self.scale.device)))
+            self.net.init_from_data(self.normalize(images.to(self.device)))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, _ = self._step(batch, "train")
@@ -192,13 +211,13 @@ class LitModel(LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         # One value per image rather than `weight=len(labels)`: with nan_strategy "disable", torchmetrics
         # 1.9 drops the weight, and a short last batch would count as much as a full one.
-        getattr(self, f"{stage}_loss").update(loss.detach().expand(len(labels)))
-        getattr(self, f"{stage}_acc").update(logits.detach(), labels)
+        self.losses[f"{stage}_loss"].update(loss.detach().expand(len(labels)))
+        self.scores[f"{stage}_scores"].update(logits.detach(), labels)
         return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
-        self.log(f"{stage}_loss", getattr(self, f"{stage}_loss"), prog_bar=stage != "train")
-        self.log(f"{stage}_acc", getattr(self, f"{stage}_acc"), prog_bar=stage != "train")
+        self.log(f"{stage}_loss", self.losses[f"{stage}_loss"], prog_bar=stage != "train")
+        self.log_dict(self.scores[f"{stage}_scores"], prog_bar=stage != "train")
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -221,6 +240,10 @@ class LitModel(LightningModule):
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints from before `Classifier` name the network's weights `net.*`; they are now `classifier.net.*`.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("net.")]:
+            state[f"classifier.{key}"] = state.pop(key)
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"]["torch"])
             if "cuda" in checkpoint["rng_state"] and torch.cuda.is_available():
@@ -241,7 +264,7 @@ class LitModel(LightningModule):
                     group["lr"] = 0.0
 
     def configure_optimizers(self):
-        named = {name: p for name, p in self.named_parameters() if p.requires_grad or name in self.freeze_after}
+        named = {name: p for name, p in self.classifier.named_parameters() if p.requires_grad or name in self.freeze_after}
         groups = [{"params": [p for name, p in named.items() if name not in self.freeze_after]}]
         groups += [{"params": [named[name]], "freeze_after": epochs} for name, epochs in self.freeze_after.items()]
         optimizer = self.optimizer(groups)  # torch optimizers and Muon keep the extra "freeze_after" key

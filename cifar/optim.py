@@ -6,7 +6,9 @@ parameter (biases, the linear head) gets plain Nesterov SGD. One optimizer objec
 Lightning's automatic optimization, checkpoints and schedulers work unchanged.
 """
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -97,6 +99,9 @@ class PiecewiseLinearLR(LambdaLR):
     triangle is `points: [0, 0.23, 1]`, `values: [0.2, 1, 0.07]` (airbench94). Declare it with
     `interval: step` semantics: LitModel steps it after every optimizer step.
 
+    A fit resumed with another length (`--trainer.max_epochs`) follows the new one: the schedule is
+    recomputed over the new total from the step reached, and says so in one line.
+
     Args:
         optimizer: The optimizer whose learning rates are scaled.
         points: Progress points, increasing from 0 to 1.
@@ -112,8 +117,16 @@ class PiecewiseLinearLR(LambdaLR):
         super().__init__(optimizer, self.multiplier)
 
     def multiplier(self, step: int) -> float:
-        t = min(step / self.total_steps, 1.0) if self.total_steps else 0.0
-        for (t0, v0), (t1, v1) in zip(zip(self.points, self.values), zip(self.points[1:], self.values[1:])):
-            if t <= t1:
-                return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
-        return self.values[-1]
+        return float(np.interp(step / self.total_steps if self.total_steps else 0.0, self.points, self.values))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # LambdaLR saves every attribute, `total_steps` too: restored as it is, the first fit's total would end
+        # a longer resumed fit's schedule early and train the added steps at learning rate 0.
+        total_steps = self.total_steps
+        super().load_state_dict(state_dict)
+        if total_steps and total_steps != self.total_steps:
+            rank_zero_info(f"PiecewiseLinearLR: the schedule now spans {total_steps} steps (the checkpoint's fit: "
+                           f"{self.total_steps}); it goes on from step {self.last_epoch} on the new length")  # fmt: skip
+            self.total_steps = total_steps
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):  # the next step's rate, now
+                group["lr"] = base_lr * self.multiplier(self.last_epoch)

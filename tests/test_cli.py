@@ -47,7 +47,7 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects
     assert last["hyper_parameters"]["net"]["class_path"] == "cifar.nets.TutorialCNN"
-    assert last["state_dict"]["net.classifier.5.weight"].shape[0] == len(classes)  # linked from the data
+    assert last["state_dict"]["classifier.net.classifier.5.weight"].shape[0] == len(classes)  # linked from the data
     best = Path(last["callbacks"][only(k for k in last["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_path"])
 
     # test in a new process evaluates that best checkpoint.
@@ -139,28 +139,31 @@ def test_runs_started_together_never_collide_and_best_last_follow_the_latest_sta
 
 
 def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: Path):
-    from cifar.runs import Run, latest_run
+    from cifar.run import Run, latest_run
+
+    runs, root = tmp_path / "runs", tmp_path / "runs" / "cifar"  # runs/ holds every config's root
 
     def run(name: str, starts: list[str] | None) -> Path:
-        (tmp_path / name / "checkpoints").mkdir(parents=True)
-        (tmp_path / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+        (root / name / "checkpoints").mkdir(parents=True)
+        (root / name / "checkpoints" / "last.ckpt").write_bytes(b"")
         if starts:
-            (tmp_path / name / "run.json").write_text(json.dumps({"id": name[-8:], "command": "fit", "starts": starts}))
-        return tmp_path / name
+            (root / name / "run.json").write_text(json.dumps({"id": name[-8:], "command": "fit", "starts": starts}))
+        return root / name
 
-    old = run("20261101-120000-fit", None)  # before run.json: the time in its name
+    old = run("20261201-120000-fit", None)  # no run.json: not a run of this app, whatever its name says
     first = run("20261122-090000-fit-aaaaaaaa", ["2026-11-22T09:00:00.000001+00:00"])
     resumed = run("20261122-080000-fit-bbbbbbbb", ["2026-11-22T08:00:00+00:00", "2026-11-22T10:00:00+02:00"])
-    assert latest_run(tmp_path) == first  # resumed's last start, 10:00 at UTC+2, is 08:00 UTC
-    (tmp_path / "20261122-110000-test-cccccccc").mkdir()  # no checkpoints: not a candidate
+    assert latest_run(root) == first  # resumed's last start, 10:00 at UTC+2, is 08:00 UTC
+    assert latest_run(runs) == first  # one level up: the same, among every config's runs
+    (root / "20261122-110000-test-cccccccc").mkdir()  # no checkpoints: not a candidate
     os.utime(old / "checkpoints" / "last.ckpt", (4e9, 4e9))
-    assert latest_run(tmp_path) == first
+    assert latest_run(root) == first
     (resumed / "run.json").write_text(json.dumps({"id": "bbbbbbbb", "command": "fit",
                                                   "starts": ["2026-11-22T08:00:00+00:00", "2026-11-23T00:00:00+00:00"]}))  # fmt: skip
-    assert latest_run(tmp_path) == resumed
-    a, b = Run.start("fit", tmp_path), Run.start("fit", tmp_path)  # within one second
+    assert latest_run(root) == resumed == latest_run(runs)
+    a, b = Run.start("fit", root), Run.start("fit", root)  # within one second
     assert a.id != b.id and a.dir != b.dir and a.dir.name.endswith(f"-fit-{a.id}")
-    assert Run.start("fit", tmp_path, str(first / "checkpoints" / "last.ckpt")).dir == first  # fit from a run's checkpoint resumes it
+    assert Run.start("fit", root, str(first / "checkpoints" / "last.ckpt")).dir == first  # fit from a run's checkpoint resumes it
 
 
 def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):

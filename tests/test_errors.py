@@ -120,7 +120,7 @@ def test_ckpt_path_that_is_not_a_checkpoint(folder_data, tmp_path, capsys):
 def test_best_before_any_fit(folder_data, capsys):
     message = cli_error(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), "--ckpt_path", "best"],
                         capsys)  # fmt: skip
-    assert "--ckpt_path best: no checkpoints under runs/cifar/*/checkpoints/" in message and "Run fit" in message
+    assert "--ckpt_path best: no run with checkpoints under runs/cifar/" in message and "Run fit" in message
 
 
 def test_test_split_missing_from_a_train_only_folder(folder_data, capsys):

@@ -25,7 +25,7 @@ def fitted(folder_data: Path, tmp_path: Path, monkeypatch) -> Path:
 
 
 def export(*args: str) -> None:
-    main(["export", "--root", "runs/cifar", *args])  # in-process: the same CLI, without a second start-up
+    main(["export", "--config", CONFIG, *args])  # in-process: the same CLI, without a second start-up
 
 
 def run_exported(fmt: str, path: Path, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

@@ -11,7 +11,8 @@ from conftest import CLASSES, run_cli
 from lightning.pytorch import Callback, Trainer
 
 from cifar.cli import main
-from cifar.data import CIFAR10DataModule, translate
+from cifar.augment import translate
+from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
 from cifar.module import LitModel
 from cifar.nets import AirbenchNet, TutorialCNN
@@ -65,8 +66,8 @@ def test_brightness_and_contrast_jitter_each_training_image_in_normalized_units(
     dm.setup("fit")
     pixels = dm.train_dataset.images.double()
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3), correction=0).view(1, 3, 1, 1)
-    torch.testing.assert_close(dm.pixel_mean.view(1, 3, 1, 1).double(), mean, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(dm.pixel_std.view(1, 3, 1, 1).double(), std, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dm.augment.pixel_mean.view(1, 3, 1, 1).double(), mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dm.augment.pixel_std.view(1, 3, 1, 1).double(), std, rtol=1e-5, atol=1e-4)
     dm.trainer = SimpleNamespace(training=True, current_epoch=0)
     images = dm.train_dataset.images[:24]
     out = dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0].double()
@@ -145,7 +146,7 @@ class RecordFreeze(Callback):
         self.lrs, self.has_grad, self.weights = [], [], []
 
     def snapshot(self, pl_module) -> None:
-        self.weights.append({name: p.detach().clone() for name, p in pl_module.named_parameters()})
+        self.weights.append({name: p.detach().clone() for name, p in pl_module.classifier.named_parameters()})
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.snapshot(pl_module)
@@ -196,8 +197,16 @@ def test_freeze_after_takes_the_learning_rate_to_zero_then_holds_the_parameter(s
 def test_freeze_after_names_a_parameter_of_the_model():
     with pytest.raises(UserError, match=r"no parameter 'net.whiten.bais' \(it has e.g. 'net.whiten.weight'\)"):
         LitModel(AirbenchNet(num_classes=3), num_classes=3, freeze_after={"net.whiten.bais": 3})
-    with pytest.raises(UserError, match="more than 0 epochs, not 0"):
-        LitModel(AirbenchNet(num_classes=3), num_classes=3, freeze_after={"net.whiten.bias": 0})
+
+
+@pytest.mark.parametrize("option", [["--model.freeze_after", "{net.whiten.bias: 0}"], ["--model.tta", "3"],
+                                    ["--data.batch_size", "0"], ["--data.brightness", "-0.1"]])  # fmt: skip
+def test_the_config_types_refuse_out_of_range_values_in_one_line(option, capsys):
+    """Ranges are the arguments' types (jsonargparse's PositiveInt, PositiveFloat, Literal...), checked on parsing."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", FAST_CONFIG, *option])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(error) == 1 and error[0].startswith("error: ") and option[0][2:] in error[0]
 
 
 def test_freeze_after_a_fraction_of_an_epoch_counts_in_batches(folder_data):
@@ -227,9 +236,9 @@ def test_tta_averages_mirrored_and_shifted_views():
     expected = (mirrored(x) + (mirrored(padded[..., :32, :32]) + mirrored(padded[..., 2:, 2:])) / 2) / 2
     with torch.no_grad():
         torch.testing.assert_close(model.evaluate(images), expected.detach())
-        model.tta = 1
+        model.classifier.tta = 1
         torch.testing.assert_close(model.evaluate(images), mirrored(x).detach())
-        model.tta = 0
+        model.classifier.tta = 0
         torch.testing.assert_close(model.evaluate(images), model(images))
 
 
@@ -260,7 +269,7 @@ def test_label_smoothing_applies_to_the_training_loss_only():
     torch.testing.assert_close(train_logits, logits)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.2).item(), rel=1e-5)
     model._step((images, labels), "val")
-    assert model.val_loss.compute().item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert model.losses["val_loss"].compute().item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
@@ -279,9 +288,9 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     ckpt = {p.name: torch.load(p, weights_only=True) for p in (run / "checkpoints").glob("*.ckpt")}
     assert {"epoch=0.ckpt", "epoch=1.ckpt", "epoch=2.ckpt", "epoch=3.ckpt", "last.ckpt"} <= set(ckpt)
     state = lambda name: ckpt[name]["state_dict"]  # noqa: E731
-    whiten = state("last.ckpt")["net.whiten.weight"]
-    assert whiten.abs().sum() > 0 and torch.equal(whiten, state("epoch=0.ckpt")["net.whiten.weight"])  # fixed
-    bias = lambda name: state(name)["net.whiten.bias"]  # noqa: E731
+    whiten = state("last.ckpt")["classifier.net.whiten.weight"]
+    assert whiten.abs().sum() > 0 and torch.equal(whiten, state("epoch=0.ckpt")["classifier.net.whiten.weight"])  # fixed
+    bias = lambda name: state(name)["classifier.net.whiten.bias"]  # noqa: E731
     assert not torch.equal(bias("epoch=1.ckpt"), bias("epoch=2.ckpt"))  # trained for 3 epochs (freeze_after)
     assert torch.equal(bias("epoch=2.ckpt"), bias("epoch=3.ckpt"))  # then fixed
     groups = ckpt["last.ckpt"]["optimizer_states"][0]["param_groups"]  # the config's values, not Adam's leftovers
@@ -306,7 +315,7 @@ def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(
     (run,) = Path("runs/cifar").glob("*-fit*")
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
-    assert last["state_dict"]["net.model.fc.weight"].shape == (len(CLASSES), 512)  # num_classes linked
+    assert last["state_dict"]["classifier.net.model.fc.weight"].shape == (len(CLASSES), 512)  # num_classes linked
     assert "EMAWeightAveraging" in last["callbacks"] and "averaging_state" in last  # the average is checkpointed
 
     with pytest.raises(SystemExit) as stop:
@@ -315,12 +324,31 @@ def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(
     assert "error: 'resnet1800' is not a torchvision classification model" in capsys.readouterr().err
 
 
-def test_data_moves_to_the_accelerator_once(folder_data):
-    """On a GPU the uint8 images live on the device; "meta" stands in for it here (no GPU in CI)."""
-    dm = CIFAR10DataModule(str(folder_data), val_size=12)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+def test_data_moves_to_the_accelerator_once(folder_data, monkeypatch):
+    """On a GPU the uint8 images live on the device, moved there once at set-up, never per batch; "meta" stands
+    in for it here (no GPU in CI)."""
+    moves = []
+    to = torch.Tensor.to
+
+    def counted(tensor, *args, **kwargs):
+        moved = to(tensor, *args, **kwargs)
+        if moved.device != tensor.device:
+            moves.append(tuple(tensor.shape))
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", counted)
+    dm = CIFAR10DataModule(str(folder_data), val_size=12, test_size=6, flip="random", brightness=0.1)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), training=True,
+                                 current_epoch=0, world_size=1, global_rank=0)  # fmt: skip
     dm.setup("fit")
+    dm.setup("validate")  # Lightning sets up each stage: nothing moves twice
     assert {dm.train_dataset.images.device.type, dm.val_dataset.targets.device.type} == {"meta"}
+    datasets = sorted([(30, 3, 32, 32), (30,), (12, 3, 32, 32), (12,), (6, 3, 32, 32), (6,)])
+    assert sorted(moves) == datasets  # images and labels of train, val and test: once each
+    for batch in dm._loader(dm.train_dataset):  # every batch of an epoch, augmented where it is
+        images, _ = dm.on_after_batch_transfer(batch, 0)
+        assert images.device.type == "meta"
+    assert sorted(moves) == sorted([*datasets, (3,), (3,)])  # and the jitter's statistics, once
     off = CIFAR10DataModule(str(folder_data), val_size=12, data_on_device=False)
     off.trainer = dm.trainer
     off.setup("fit")
@@ -332,7 +360,7 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     step with TTA: any `.item()`, `.tolist()` or `if tensor:` there would be a GPU sync every step."""
     model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2, tta_fraction=0.25)
     dm = CIFAR10DataModule("unused", flip="random", translate=2, brightness=0.1, contrast=0.1)
-    dm.pixel_mean, dm.pixel_std = torch.full((3,), 120.0), torch.full((3,), 60.0)
+    dm.augment.pixel_mean, dm.augment.pixel_std = torch.full((3,), 120.0), torch.full((3,), 60.0)
     dm.trainer = SimpleNamespace(training=True, current_epoch=1)
     optimizer = Muon(model.parameters(), lr=0.1, bias_lr=0.1, head_lr=0.1)
     batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))
@@ -348,4 +376,4 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     with torch.no_grad():
         model._step(batch, "val")
     monkeypatch.undo()
-    assert model.train_acc.compute().item() >= 0 and model.val_loss.compute().item() > 0
+    assert model.scores["train_scores"]["acc"].compute().item() >= 0 and model.losses["val_loss"].compute().item() > 0

@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,8 @@ def multipart(parts: list[tuple[str, str, bytes]]) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A fit of one epoch on 3 classes, then `main.py serve --ckpt_path best` on a free loopback port."""
+    """A fit of one epoch on 3 classes, then `main.py serve --ckpt_path best` on a free loopback port. Batches wait
+    0.2 s for requests, so requests sent together share one."""
     from conftest import make_folder_data
 
     root = tmp_path_factory.mktemp("serve")
@@ -55,9 +57,9 @@ def server(tmp_path_factory):
              "--trainer.max_epochs", "1"], root)  # fmt: skip
     port = free_port()
     log = open(root / "serve.log", "w")
-    process = subprocess.Popen(cli_command(["serve", "--ckpt_path", "best", "--port", str(port), "--top", "3"]),
-                               cwd=root, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # its own process group: LitServe starts more processes  # fmt: skip
+    command = cli_command(["serve", "--ckpt_path", "best", "--port", str(port), "--top", "3", "--batch_timeout", "0.2"])
+    process = subprocess.Popen(command, cwd=root, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # its own process group: LitServe starts more processes
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):  # start-up: imports, the model, LitServe's worker
@@ -123,27 +125,61 @@ def test_serve_answers_what_predict_computes_in_both_request_forms(server, tmp_p
             assert t["probability"] == pytest.approx(expected[name][t["class"]], abs=2e-6)
 
 
+FORM = f"multipart/form-data; boundary={BOUNDARY}"
+BAD = {  # what a client may send wrong: (body, content type, the status, words of the error)
+    "not an image": (multipart([("images", "a.png", b"not an image")]), FORM, 415, "not a whole PNG or JPEG"),
+    "truncated": (multipart([("images", "a.png", png((1, 2, 3))[:40])]), FORM, 415, "not a whole PNG or JPEG"),
+    "empty file": (multipart([("images", "a.png", b"")]), FORM, 400, "is empty"),
+    "empty body": (b"", "application/json", 400, "multipart form data"),
+    "not JSON": (b"{images: ", "application/json", 400, "multipart form data"),
+    "JSON, not an object": (b"[1, 2]", "application/json", 400, "multipart form data"),
+    "nested too deep": (b"[" * 100_000, "application/json", 400, "multipart form data"),
+    "wrong field": (multipart([("image", "a.png", png((1, 2, 3)))]), FORM, 422, "unknown form field 'image'"),
+    "a text, not a file": (multipart([("images", "a.png", png((1, 2, 3)))]).replace(f"--{BOUNDARY}--".encode(), (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"\r\n\r\nhello\r\n--{BOUNDARY}--').encode()),
+        FORM, 422, "image files"),
+    "wrong JSON": (json.dumps({"files": []}).encode(), "application/json", 422, '{"images"'),
+    "bad base64": (json.dumps({"images": ["!!"]}).encode(), "application/json", 422, "base64"),
+    "too many": (multipart([("images", f"{i}.png", png((i, 0, 0))) for i in range(17)]), FORM, 413, "at most 16"),
+    "too large": (multipart([("images", "a.png", b"x" * (9 * 2**20))]), FORM, 413, "too large"),
+}
+
+
+def assert_refused(case: str, status: int, answer: dict) -> None:
+    _, _, want, says = BAD[case]
+    assert status == want and list(answer) == ["error"], (case, status, answer)  # {"error": "..."} and nothing else
+    assert says in answer["error"] and "\n" not in answer["error"], (case, answer)
+
+
 def test_bad_requests_get_one_line_json_errors_and_the_server_keeps_serving(server):
     url, _, _ = server
-    form = f"multipart/form-data; boundary={BOUNDARY}"
-    cases = {
-        "not an image": (multipart([("images", "a.png", b"not an image")]), form, 415, "not a whole PNG or JPEG"),
-        "truncated": (multipart([("images", "a.png", png((1, 2, 3))[:40])]), form, 415, "not a whole PNG or JPEG"),
-        "empty file": (multipart([("images", "a.png", b"")]), form, 400, "is empty"),
-        "empty body": (b"", "application/json", 400, "multipart form data"),
-        "not JSON": (b"{images: ", "application/json", 400, "multipart form data"),
-        "wrong field": (multipart([("image", "a.png", png((1, 2, 3)))]), form, 422, "unknown form field 'image'"),
-        "wrong JSON": (json.dumps({"files": []}).encode(), "application/json", 422, '{"images"'),
-        "bad base64": (json.dumps({"images": ["!!"]}).encode(), "application/json", 422, "base64"),
-        "too many": (multipart([("images", f"{i}.png", png((i, 0, 0))) for i in range(17)]), form, 413, "at most 16"),
-        "too large": (multipart([("images", "a.png", b"x" * (9 * 2**20))]), form, 413, "too large"),
-    }
-    for case, (body, content_type, want, says) in cases.items():
-        status, answer = post(url, body, content_type)
-        message = answer.get("error") or answer.get("detail")
-        assert (status, "\n" not in message) == (want, True) and says in message, (case, status, answer)
-    status, answer = post(url, multipart([("images", "ok.png", png((5, 5, 5)))]), form)
+    for case, (body, content_type, _, _) in BAD.items():
+        assert_refused(case, *post(url, body, content_type))
+    status, answer = post(url, multipart([("images", "ok.png", png((5, 5, 5)))]), FORM)
     assert status == 200 and len(answer["predictions"]) == 1
+
+
+def test_a_bad_request_fails_only_itself_not_the_requests_batched_with_it(server):
+    """Good and bad requests sent together (the server's batches wait 0.2 s for more): each good one is answered
+    as when sent alone, each bad one with its own error."""
+    url, _, _ = server
+    good = [multipart([("images", f"{i}.png", png((40 * i, 200 - 40 * i, 90)))] * (i + 1)) for i in range(4)]
+    alone = [post(url, body, FORM) for body in good]
+    assert all(status == 200 for status, _ in alone) and [len(a["predictions"]) for _, a in alone] == [1, 2, 3, 4]
+    bad = ["not an image", "truncated", "empty file", "wrong field", "bad base64", "not JSON"]
+    requests = [(body, FORM) for body in good] + [BAD[case][:2] for case in bad]
+    order = [0, 4, 1, 5, 6, 2, 7, 8, 3, 9]  # good and bad interleaved
+    with ThreadPoolExecutor(len(order)) as pool:
+        answers = list(pool.map(lambda i: post(url, *requests[i]), order))
+    together = dict(zip(order, answers))
+    for i, (_, answer) in enumerate(alone):  # the same, but for float rounding in a larger batch
+        status, batched = together[i]
+        assert status == 200 and len(batched["predictions"]) == len(answer["predictions"]), (i, status, batched)
+        for mine, theirs in zip(batched["predictions"], answer["predictions"]):
+            probability = {t["class"]: t["probability"] for t in theirs}
+            assert {t["class"]: t["probability"] for t in mine} == pytest.approx(probability, abs=2e-6)
+    for i, case in enumerate(bad, len(good)):
+        assert_refused(case, *together[i])
 
 
 def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_path):
@@ -167,7 +203,7 @@ def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_pa
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver), options=options)
     try:
-        browser.get(f"{url}/")
+        browser.get(f"{url}/ui")
         WebDriverWait(browser, 20).until(lambda b: "checkpoint" in b.find_element(By.ID, "model").text)
         assert ", ".join(CLASSES) in browser.find_element(By.ID, "model").text
         browser.find_element(By.ID, "files").send_keys(str(image))
@@ -181,27 +217,31 @@ def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_pa
 
 
 def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_mixed(server):
-    """`--precision bf16-mixed` (configs/fast.yaml's trainer.precision), in-process: the LitAPI's own steps."""
-    from cifar.serve import ClassifierAPI
+    """`--precision bf16-mixed` (configs/fast.yaml's trainer.precision), in-process: the LitAPI's own steps, on a
+    batch of two requests (2 images and 1) and on one request unbatched (`--max_batch_size 1`)."""
+    from cifar.serve import ClassifierAPI, images_of
 
     _, root, _ = server
     ckpt = next((root / "runs" / "cifar").glob("*-fit-*/checkpoints/last.ckpt"))
     request = {"images": [base64.b64encode(png((200, 10, 10))).decode(), base64.b64encode(png((9, 9, 9))).decode()]}
+    other = {"images": [base64.b64encode(png((10, 10, 200))).decode()]}
     probs = {}
     for precision in ("32-true", "bf16-mixed"):
-        api = ClassifierAPI(ckpt, top=3, max_images=16, max_batch_size=64, batch_timeout=0.0, precision=precision)
+        api = ClassifierAPI(ckpt, top=3, max_batch_size=64, batch_timeout=0.0, precision=precision)
         api.setup("cpu")
-        probs[precision] = api.unbatch(api.predict(api.batch([api.decode_request(request)])))[0]
+        x, y = (api.decode_request(images_of(r, max_images=16).numpy()) for r in (request, other))
+        probs[precision], other_probs = api.unbatch(api.predict(api.batch([x, y])))
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            expected = api.model(api.decode_request(request)).float()
-        assert torch.equal(probs[precision], expected)
+            expected, expected_alone = api.model(torch.cat([x, y])).float(), api.model(x).float()
+        assert torch.equal(torch.cat([probs[precision], other_probs]), expected) and len(other_probs) == 1
+        assert torch.equal(api.predict(x), expected_alone)  # unbatched: the request's own images
     assert not torch.equal(probs["32-true"], probs["bf16-mixed"])
     assert torch.allclose(probs["32-true"], probs["bf16-mixed"], atol=0.02)
 
 
 def test_uploads_stay_in_memory():
     """Starlette spools an upload over 1 MB to a temporary file; with cifar.serve loaded (as in the server's
-    processes) one up to the request limit stays in memory."""
+    processes) one up to the request limit stays in memory: LitServe, which cifar.serve imports, keeps it there."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route

@@ -1,0 +1,95 @@
+"""Training-time augmentation of whole batches on the device: flips, shifts, brightness and contrast jitter.
+
+One `BatchAugment` module per data module; it sees uint8 batches (N, 3, H, W) where they already are
+(on the GPU when training there), draws one random choice per image with the global RNG (so a checkpoint's
+RNG state resumes it exactly) and never loops over images in Python.
+"""
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+def reflect(index: Tensor, size: int) -> Tensor:
+    """Indices past either edge mirrored back inside (edge not repeated), as `F.pad(mode="reflect")`."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def translate(images: Tensor, max_shift: int) -> Tensor:
+    """Each image shifted by its own random (dy, dx) in [-max_shift, max_shift]^2 pixels, the border filled
+    by reflection: one gather for the whole batch, any dtype (uint8 here), on the images' device."""
+    n, _, h, w = images.shape
+    dy, dx = torch.randint(-max_shift, max_shift + 1, (2, n, 1), device=images.device)
+    rows = reflect(torch.arange(h, device=images.device) + dy, h)  # (n, h)
+    cols = reflect(torch.arange(w, device=images.device) + dx, w)  # (n, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w)
+
+
+def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contrast: float) -> Tensor:
+    """Brightness and contrast jitter, one random draw per image: in normalized units z = (x - mean) / std,
+    z -> (z + u * brightness) * (1 + v * contrast) with u, v uniform in [-1, 1]. Float pixels in, float out."""
+    n = len(images)
+    shift = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * brightness
+    factor = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * contrast + 1
+    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    return (images.float() - mean + shift * std) * factor + mean  # the same, back in pixels
+
+
+def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in pixel units, in float64
+    chunks (no float copy of the whole set)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for part in images.split(chunk):
+        part = part.transpose(0, 1).reshape(images.shape[1], -1).double()
+        total += part.sum(1)
+        squares += part.square().sum(1)
+    count = images.numel() / images.shape[1]
+    mean = total / count
+    return mean.float(), (squares / count - mean.square()).sqrt().float()
+
+
+class BatchAugment(nn.Module):
+    """flip, then translate, then brightness/contrast jitter, each off at its default.
+
+    Args:
+        flip: `random` flips each image with probability 1/2; `alternating` (airbench) flips a random half of
+            the training set once (`prepare`) and then every image in every odd epoch, so each image is seen
+            both ways in two epochs; `none`.
+        translate: Largest shift in pixels, in x and y (reflected border); 0: off.
+        brightness: Largest shift of an image's pixels, in standard deviations of the training pixels.
+        contrast: Largest relative change of an image's deviation from the training pixels' mean.
+    """
+
+    def __init__(self, flip: Literal["none", "random", "alternating"] = "none", translate: int = 0,
+                 brightness: float = 0.0, contrast: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.flip, self.translate, self.brightness, self.contrast = flip, translate, brightness, contrast
+        # The jitter's units, per channel, in pixels: set by `prepare`; buffers, so they follow the batches' device.
+        self.register_buffer("pixel_mean", torch.zeros(3), persistent=False)
+        self.register_buffer("pixel_std", torch.ones(3), persistent=False)
+
+    def prepare(self, train_images: Tensor, generator: torch.Generator) -> None:
+        """Once per training set, in place: the jitter's statistics, and the mirrored half of `alternating`
+        (drawn from `generator`, the split's, so every DDP rank and every resume mirrors the same half)."""
+        if self.brightness or self.contrast:
+            self.pixel_mean, self.pixel_std = channel_statistics(train_images)
+        if self.flip == "alternating":
+            mirrored = torch.rand(len(train_images), generator=generator) < 0.5
+            train_images[mirrored] = train_images[mirrored].flip(-1)
+
+    def forward(self, images: Tensor, epoch: int) -> Tensor:
+        """A training batch, uint8 (float when jittered: the model normalizes either alike)."""
+        if self.flip == "random":
+            mirrored = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        elif self.flip == "alternating" and epoch % 2 == 1:
+            images = images.flip(-1)
+        if self.translate:
+            images = translate(images, self.translate)
+        if self.brightness or self.contrast:
+            images = jitter(images, self.pixel_mean, self.pixel_std, self.brightness, self.contrast)
+        return images
