@@ -78,7 +78,8 @@ def test_export_is_a_plain_tool_with_its_own_help(capsys):
         main(["export", "--help"])
     assert stop.value.code == 0
     usage = capsys.readouterr().out
-    assert all(f"--{option}" in usage for option in ("ckpt_path", "format", "output", "root"))
+    assert all(f"--{option}" in usage for option in ("config", "ckpt_path", "format", "output"))
+    assert "--root" not in usage
     assert not any(group in usage for group in ("--trainer", "--model", "--data", "--seed_everything"))
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -161,6 +161,6 @@ def test_fast_recipe_resumed_without_its_seed_ends_with_the_same_weights(folder_
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (3, 12)
-    assert not torch.equal(a["state_dict"]["net.whiten.bias"], torch.zeros_like(a["state_dict"]["net.whiten.bias"]))
+    assert not torch.equal(a["state_dict"]["classifier.net.whiten.bias"], torch.zeros_like(a["state_dict"]["classifier.net.whiten.bias"]))
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,165 @@
+"""The run record through the real CLI (cifar/run.py): the design card's two commands as written, every command
+taking --config and --ckpt_path, one writer per run, and what a resumed fit and a signal do."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import CONFIG, FAST, ROOT, cli_command, cli_env, make_folder_data, run_cli
+
+import wandb_records
+from cifar.cli import main
+from cifar.stopping import Stopped, StopOnSignal
+
+FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
+CALLBACKS_MISSING = "callbacks used to create the checkpoint need to be provided"  # Lightning's warning
+
+
+def only(paths) -> Path:
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_the_design_cards_two_commands_as_written_then_the_tools_with_the_same_options(tmp_path: Path, capsys):
+    """`fit --config configs/cifar.yaml`, then in a new process `test --ckpt_path best` with no --config: a
+    W&B-logged test with its report, from the run's own config. Then export and serve take the same options."""
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    make_folder_data(tmp_path / "data")  # configs/cifar.yaml reads data/: train/ and test/ image folders
+    fit = run_cli(["fit", "--config", "configs/cifar.yaml", "--data.val_size", "12", *FAST], tmp_path)
+    test = run_cli(["test", "--ckpt_path", "best"], tmp_path)  # literally
+
+    fit_run = only((tmp_path / "runs/cifar").glob("*-fit-*"))
+    tested = only((tmp_path / "runs/cifar").glob("*-test-*"))
+    said = test.stdout + test.stderr
+    assert f"Config: {(fit_run / 'config.yaml').resolve()}, the checkpoint's run's" in said
+    assert f"--ckpt_path best: runs/cifar/{fit_run.name}/checkpoints/epoch=" in said
+    assert CALLBACKS_MISSING not in said and "Traceback" not in said
+    assert "💡" not in fit.stdout + fit.stderr + said  # no Lightning advertisements
+    report = json.loads((tested / "test_report.json").read_text())
+    assert report["fit_run"] == fit_run.name and report["metrics"]["test_acc"] >= 0
+    assert report["data"].startswith("test images: image folders in")  # data/test, the data's own test split
+    run_file = only(tested.glob("wandb/offline-run-*/run-*.wandb"))  # the config's WandbLogger, offline
+    summary = wandb_records.summary(run_file)
+    assert summary["fit_run"] == fit_run.name and summary["test_acc"] == pytest.approx(report["metrics"]["test_acc"])
+    assert wandb_records.config(run_file)["config"]["trainer"]["default_root_dir"] == "runs/cifar"
+    assert (tested / "confusion_matrix.png").is_file()
+
+    # The tools take --config and --ckpt_path like every command (in-process from here).
+    best = Path(report["checkpoint"]).name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        main(["export", "--config", "configs/cifar.yaml", "--ckpt_path", "best", "--format", "torch_export"])
+        assert (fit_run / "checkpoints" / best).with_suffix(".pt2").is_file()
+        main(["export", "--ckpt_path", "last", "--output", "last.onnx"])  # no --config: the latest run under runs/
+        assert (tmp_path / "last.onnx").is_file()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:  # gets as far as the checkpoint, not "option not accepted"
+            main(["serve", "--config", "configs/fast.yaml", "--ckpt_path", "best"])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip() == ("error: --ckpt_path best: no run with checkpoints under runs/fast/. "
+                                                   "Run fit first, or pass the path of a .ckpt file")  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            main(["serve", "--help"])
+        help_text = capsys.readouterr().out
+        assert stop.value.code == 0 and "--config" in help_text and "--max_batch_size" in help_text
+        assert "--trainer" not in help_text and "--root" not in help_text
+
+
+def test_a_resumed_fit_with_more_epochs_trains_them_on_the_new_schedule(folder_data: Path, tmp_path: Path, caplog,
+                                                                        monkeypatch):  # fmt: skip
+    """fast.yaml's decay to 0 spans the fit: resumed with --trainer.max_epochs 4 after 2, it spans the 4 epochs
+    from the step reached, says so, and the added epochs train (they used to run at learning rate 0)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", FAST_CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+              "--data.batch_size", "12", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.precision", "32"]  # 36 training images: 3 steps an epoch  # fmt: skip
+    main(["fit", *common, "--trainer.max_epochs", "2"])
+    last = only(Path("runs/fast").glob("*-fit-*/checkpoints/last.ckpt"))
+    first = torch.load(last, weights_only=True)
+    assert first["lr_schedulers"][0]["total_steps"] == 6 and first["lr_schedulers"][0]["_last_lr"][0] == 0.0
+
+    caplog.set_level("INFO")
+    main(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", "4"])
+    said = [r.getMessage() for r in caplog.records if r.name == "lightning.pytorch.utilities.rank_zero"]
+    assert ("PiecewiseLinearLR: the schedule now spans 12 steps (the checkpoint's fit: 6); it goes on from step 6 "
+            "on the new length") in said  # fmt: skip
+    second = torch.load(last, weights_only=True)
+    assert second["global_step"] == 12 and second["lr_schedulers"][0]["total_steps"] == 12
+    assert second["lr_schedulers"][0]["_last_lr"][0] == 0.0  # decayed to 0 at the new end
+    conv = "classifier.net.layers.1.0.weight"
+    moved = (second["state_dict"][conv] - first["state_dict"][conv]).abs().max().item()
+    assert moved > 0.01, moved  # at learning rate 0 (the bug) Muon's norm rescale alone moved it by < 1e-3
+
+
+def test_under_ddp_the_ranks_agree_on_a_stop_every_8_batches_not_every_batch():
+    """The agreement is a collective (a host sync on GPUs): once per 8 steps, at the same batch on every rank."""
+    stopper = StopOnSignal()
+    agreed = []
+    ddp = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: agreed.append(stop) or stop))
+    for batch_idx in range(20):
+        stopper.on_train_batch_start(ddp, None, None, batch_idx)
+    assert agreed == [False, False, False]  # batches 0, 8 and 16
+    stopper.requested = signal.SIGTERM
+    stopper.on_train_batch_start(ddp, None, None, 21)  # between agreements: go on
+    with pytest.raises(Stopped) as stop:
+        stopper.on_train_batch_start(ddp, None, None, 24)
+    assert stop.value.code == 143 and agreed[-1] is True
+    single = SimpleNamespace(world_size=1, strategy=None)  # one process: every batch, no collective
+    with pytest.raises(Stopped):
+        stopper.on_train_batch_start(single, None, None, 21)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, f"{what}: the process exited {process.returncode}:\n{process.communicate()[0]}"
+        assert time.time() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(tmp_path: Path):
+    """Two `fit --ckpt_path last` of one run at once: the second stops in one line naming the first (host, pid)
+    and writes nothing; once the first is killed (SIGKILL: no clean-up), the run resumes."""
+    data = make_folder_data(tmp_path / "data", per_class=40, test_per_class=1)
+    common = ["--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size", "4",
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+    run = only((tmp_path / "runs/cifar").iterdir())
+    starts = lambda: len(json.loads((run / "run.json").read_text())["starts"])  # noqa: E731
+    resume = ["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", "100000",
+              "--trainer.check_val_every_n_epoch", "100000"]  # no validation: EarlyStopping never stops it  # fmt: skip
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cli_command(resume), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    first = start()
+    try:
+        wait_for(lambda: starts() == 2, "the first resume", first)
+        second = run_cli(resume, tmp_path, check=False)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: run {run.resolve()} is being written by host {socket.gethostname()} pid {first.pid}: a run has "
+            f"one writer. Wait for that process to end (or stop it), then try again")  # fmt: skip
+        assert starts() == 2 and not list(run.glob("config-resume-3.yaml"))
+        first.kill()  # its lock goes with it
+        first.wait(timeout=30)
+        third = start()
+        try:
+            wait_for(lambda: starts() == 3, "the resume after a killed writer", third)
+            assert (run / "config-resume-2.yaml").is_file() and (run / "config-resume-3.yaml").is_file()
+            time.sleep(2)  # into training, where a SIGTERM stops at a batch with a checkpoint
+            third.send_signal(signal.SIGTERM)
+            assert third.wait(timeout=60) == 143
+        finally:
+            third.kill()
+    finally:
+        first.kill()
