@@ -136,8 +136,7 @@ def config_of(ckpt_path: Path) -> Path | None:
     """The config a checkpoint's run last started with (rule 6), or None when it is not in a run directory."""
     run_dir = Path(ckpt_path).resolve().parent.parent
     resumes = sorted(run_dir.glob("config-resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    configs = [run_dir / "config.yaml", *resumes]
-    return max((c for c in configs if c.is_file()), key=configs.index, default=None)
+    return next((c for c in reversed([run_dir / "config.yaml", *resumes]) if c.is_file()), None)
 
 
 def fit_run_of(checkpoint: dict, ckpt_path: Path) -> str | None:
@@ -210,8 +209,9 @@ def evaluation(command: str, data: Namespace, typed: set[str], ckpt_path: Path) 
         indices = test if command == "test" else val
         drawn = f"{len(indices)} {what} images held out of "
     described = f"{drawn}{datasets.describe_source(source)}" + (f" by split {split_text(chosen)}" if chosen else "")
-    result = {"data": described, "images": len(indices), "source": source, "split": chosen,
-              "checkpoint": str(ckpt_path), "fit_run": fit_run_of(checkpoint, ckpt_path), "overlap": None}  # fmt: skip
+    images = len(indices) if chosen else source["images"]  # None: the official test batches, counted when read
+    result = {"data": described, "images": images, "source": source, "split": chosen, "checkpoint": str(ckpt_path),
+              "fit_run": fit_run_of(checkpoint, ckpt_path), "overlap": None}  # fmt: skip
     mine = [e for e in record or [] if e["source"]["fingerprint"] == source["fingerprint"]]
     if record is None:
         result["note"] = (f"checkpoint {ckpt_path} carries no record of its training data (written before the app "
@@ -259,7 +259,7 @@ class Run:
 
     @classmethod
     def start(cls, command: str, root: Path, ckpt_path: str | None = None) -> "Run":
-        """A new run under `root`, or, for `fit` from a checkpoint of a run under `root`, that run (rule 4)."""
+        """A new run under `root`, or, for `fit` from a checkpoint in a run's `checkpoints/`, that run (rule 4)."""
         if command == "fit" and ckpt_path:
             run_dir = Path(ckpt_path).resolve().parent.parent
             if Path(ckpt_path).parent.name == "checkpoints" and (run_dir / RECORD).exists():
