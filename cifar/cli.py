@@ -66,11 +66,11 @@ class CifarCLI(LightningCLI):
         for key, value in getattr(self, "typed", {}).items():
             if key.startswith("model."):
                 config[key] = value
-        run.preflight(self.subcommand, config.data)
+        train = run.training_source(self.subcommand, config.data)  # before anything is made: stray files stop here
         evaluation = trained_on = None
         if config.ckpt_path and self.subcommand in ("fit", "validate", "test"):
             split_typed = {key.split(".")[1] for key in getattr(self, "typed", {})} & set(SPLIT_OPTIONS)
-            evaluation = run.evaluation(self.subcommand, config.data, split_typed, Path(config.ckpt_path))
+            evaluation = run.evaluation(self.subcommand, config.data, train, split_typed, Path(config.ckpt_path))
             if self.subcommand == "fit":
                 trained_on = run.training_record(load_checkpoint(Path(config.ckpt_path)))
         this_run = run.Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)

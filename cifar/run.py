@@ -163,26 +163,29 @@ def split_text(split: dict) -> str:
     return ", ".join(f"{key} {split[key]}" for key in SPLIT_OPTIONS)
 
 
-def preflight(command: str, data: Namespace) -> None:
-    """Before any run or W&B run exists: a file in the training image folders that is not an image stops the
-    command with one line naming it (the data module lists them again when it reads)."""
+def training_source(command: str, data: Namespace) -> dict | None:
+    """The training pool's source (fingerprint) from its file listing, before any run or W&B run exists, so
+    that a file in the image folders that is not an image stops the command in one line naming it; None for
+    predict, or when there is no data yet (a download comes later)."""
     data_dir = Path(data.data_dir)
-    if command != "predict" and datasets.detect_format(data_dir) == "folder":
-        train = data_dir / "train"
-        datasets.list_folder(train, datasets.folder_classes(train), strict=not data.skip_bad_images)
-
-
-def evaluation(command: str, data: Namespace, typed: set[str], ckpt_path: Path) -> dict | None:
-    """Rule 7 for `command` with a checkpoint, on the parsed data config: adopt the checkpoint's split (in
-    `data`, except the `typed` options), then check what will be evaluated. Returns the evaluation as runs
-    and reports record it ({data, images, source, split, checkpoint, fit_run, overlap, note}); raises on an
-    overlap not allowed. Reads file listings and the checkpoint, never the images."""
-    if command == "predict":
+    kind = datasets.detect_format(data_dir)
+    if command == "predict" or kind is None:
         return None
+    files = None
+    if kind == "folder":
+        train = data_dir / "train"
+        files, _ = datasets.list_folder(train, datasets.folder_classes(train), strict=not data.skip_bad_images)
+    return datasets.source(data_dir, "train", files=files)
+
+
+def evaluation(command: str, data: Namespace, train: dict | None, typed: set[str], ckpt_path: Path) -> dict | None:
+    """Rule 7 for `command` with a checkpoint, on the parsed data config and its `training_source`: adopt the
+    checkpoint's split (in `data`, except the `typed` options), then check what will be evaluated. Returns the
+    evaluation as runs and reports record it ({data, images, source, split, checkpoint, fit_run, overlap,
+    note}); raises on an overlap not allowed. Reads file listings and the checkpoint, never the images."""
     checkpoint = load_checkpoint(ckpt_path)
     record = training_record(checkpoint)
     data_dir = Path(data.data_dir)
-    train = datasets.source(data_dir, "train") if datasets.detect_format(data_dir) else None
     same = [e for e in record or [] if train and e["source"]["fingerprint"] == train["fingerprint"]]
     if same:
         split = same[-1]["split"]

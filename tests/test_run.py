@@ -44,7 +44,7 @@ def test_the_design_cards_two_commands_as_written_then_the_tools_with_the_same_o
     assert CALLBACKS_MISSING not in said and "Traceback" not in said
     assert "💡" not in fit.stdout + fit.stderr + said  # no Lightning advertisements
     report = json.loads((tested / "test_report.json").read_text())
-    assert report["fit_run"] == fit_run.name and report["metrics"]["test_acc"] >= 0
+    assert report["fit_run"] == fit_run.name
     assert report["data"].startswith("test images: image folders in")  # data/test, the data's own test split
     run_file = only(tested.glob("wandb/offline-run-*/run-*.wandb"))  # the config's WandbLogger, offline
     summary = wandb_records.summary(run_file)
