@@ -26,7 +26,7 @@ from cifar.export import export
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
 from cifar.serve import serve
-from cifar.stopping import Stopped, StopOnSignal
+from cifar.stopping import RandomState, Stopped, StopOnSignal
 
 TOOLS = {"export": export, "serve": serve}  # subcommands that are not training: `main.py export --help`
 
@@ -136,7 +136,7 @@ def main(args: list[str] | None = None) -> None:
             LitModel,
             CIFAR10DataModule,
             save_config_callback=run.RunRecord,
-            trainer_defaults={"default_root_dir": "runs", "callbacks": [stopper]},  # StopOnSignal: always there
+            trainer_defaults={"default_root_dir": "runs", "callbacks": [stopper, RandomState()]},  # always there
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
             args=args,
             parser_kwargs={"exit_on_error": False,  # errors come to us: one line, not the whole usage

@@ -233,21 +233,11 @@ class LitModel(LightningModule):
         images, _ = batch
         return self.evaluate(images).softmax(dim=-1)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning saves no RNG state: keep it, so a resumed run draws what the uninterrupted one would.
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints from before `Classifier` name the network's weights `net.*`; they are now `classifier.net.*`.
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("net.")]:
             state[f"classifier.{key}"] = state.pop(key)
-        if "rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_state"]["torch"])
-            if "cuda" in checkpoint["rng_state"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["rng_state"]["cuda"])
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # A learning rate that reaches 0, not `requires_grad_(False)`: DDP needs the same parameters to get

@@ -1,8 +1,11 @@
-"""Ctrl-C and SIGTERM stop `fit` at a batch boundary, with a checkpoint, in every process at the same step."""
+"""Ctrl-C and SIGTERM stop `fit` at a batch boundary, with a checkpoint, in every process at the same step; the
+random state in every checkpoint makes the resumed fit draw what the uninterrupted one would have."""
 
 import os
 import signal
 import sys
+
+import torch
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
@@ -75,3 +78,27 @@ class StopOnSignal(Callback):
         saved = [cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path]
         where = f"checkpoint saved to {saved[0]}; resume with --ckpt_path last" if saved else "no checkpoint saved"
         return f"stopped by {NAMES[self.stopped.signum]} before the run finished: {where}"
+
+
+class RandomState(Callback):
+    """Lightning saves no RNG state; this saves torch's (CPU and each CUDA device's) in every checkpoint, so a
+    resumed fit draws the same shuffles, augmentations and dropout as the uninterrupted run would.
+
+    Restored by a resumed `fit` only (evaluating a checkpoint leaves the process's random state alone), and for
+    CUDA only on the devices this process has: a checkpoint saved on 8 GPUs resumes on fewer.
+    """
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != "fit":  # Lightning calls this in validate and test too
+            return
+        state = checkpoint.get("rng_state", {})  # the key LitModel used before: older checkpoints resume alike
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available():
+            for device, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, device)

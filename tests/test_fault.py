@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,7 +60,12 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, tmp_path):
 
 def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path, monkeypatch):
     from cifar.cli import main
+    from cifar.stopping import RandomState
 
+    restores = []  # the commands that hand RandomState a checkpoint (Lightning: every one that restores)
+    restore = RandomState.on_load_checkpoint
+    monkeypatch.setattr(RandomState, "on_load_checkpoint",
+                        lambda self, trainer, *args: restores.append(trainer.state.fn) or restore(self, trainer, *args))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
               "8", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "3",
@@ -78,6 +84,26 @@ def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path
     assert best(a)["best_model_score"] == best(b)["best_model_score"]
     assert Path(best(b)["best_model_path"]).name == Path(best(a)["best_model_path"]).name
     assert len(list(resumed.glob("config*.yaml"))) == 2  # the first config kept, the resume's beside it
+    assert "rng_state" in a and restores == ["fit"]
+    set_states = []
+    monkeypatch.setattr(torch, "set_rng_state", set_states.append)
+    main(["validate", *common, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
+    assert restores == ["fit", "validate"] and set_states == []  # validate leaves this process's random state alone
+
+
+def test_random_state_is_restored_on_the_cuda_devices_there_are(monkeypatch):
+    """A checkpoint saved on 8 GPUs resumed where 2 are visible: their generators, not an IndexError."""
+    from cifar.stopping import RandomState
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, int(state[0]))))
+    cpu = torch.get_rng_state()
+    checkpoint = {"rng_state": {"torch": cpu, "cuda": [torch.tensor([100 + i], dtype=torch.uint8) for i in range(8)]}}
+    torch.rand(3)  # moves this process's generator on
+    RandomState().on_load_checkpoint(SimpleNamespace(state=SimpleNamespace(fn="fit")), None, checkpoint)
+    assert restored == [(0, 100), (1, 101)] and torch.equal(torch.get_rng_state(), cpu)
 
 
 def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
