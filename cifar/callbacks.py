@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
 from cifar.errors import UserError
@@ -132,7 +132,6 @@ class TestReport(Callback):
         n = len(trainer.datamodule.classes)
         # Summed over every rank's share by torchmetrics itself at `compute`.
         self.confusion = MulticlassConfusionMatrix(n, validate_args=False).to(pl_module.device)
-        self.class_accuracy = MulticlassAccuracy(n, average=None, validate_args=False).to(pl_module.device)
         self.probs: list[Tensor] = []
         self.labels: list[Tensor] = []
         self.samples: list[Tensor] = []
@@ -143,7 +142,6 @@ class TestReport(Callback):
         images, labels = batch
         probs = outputs.float().softmax(dim=-1)
         self.confusion.update(probs, labels)
-        self.class_accuracy.update(probs, labels)
         self.probs.append(probs)
         self.labels.append(labels)
         if (seen := sum(map(len, self.samples))) < self.num_samples:
@@ -160,10 +158,9 @@ class TestReport(Callback):
             return
         classes = trainer.datamodule.classes
         confusion = self.confusion.compute().cpu()  # rows: label
-        seen = confusion.sum(dim=1)
-        for name, accuracy, count in zip(classes, self.class_accuracy.compute().tolist(), seen.tolist()):
-            if count:  # a class with no test image has no accuracy
-                pl_module.log(f"test_acc/{name}", accuracy, rank_zero_only=True)
+        for name, right, total in zip(classes, confusion.diag().tolist(), confusion.sum(dim=1).tolist()):
+            if total:  # a class with no test image has no accuracy
+                pl_module.log(f"test_acc/{name}", right / total, rank_zero_only=True)
         if not trainer.is_global_zero:
             return
         probs, labels = torch.cat(self.probs), torch.cat(self.labels)
