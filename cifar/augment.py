@@ -1,10 +1,11 @@
 """Training-time augmentation of whole batches on the device: flips, shifts, brightness and contrast jitter.
 
 One `BatchAugment` module per data module; it sees uint8 batches (N, 3, H, W) where they already are
-(on the GPU when training there), draws one random choice per image with the global RNG (so a checkpoint's
-RNG state resumes it exactly) and never loops over images in Python.
+(on the GPU when training there), draws one random choice per image from the batch's own generator
+(`batch_generator`) and never loops over images in Python.
 """
 
+import hashlib
 from typing import Literal
 
 import torch
@@ -17,23 +18,33 @@ def reflect(index: Tensor, size: int) -> Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def translate(images: Tensor, max_shift: int) -> Tensor:
+def batch_generator(device: torch.device, seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
+    """The random generator of one training batch, on `device`, seeded by (run seed, DDP rank, epoch, batch in
+    the epoch) alone: a resumed run draws the same augmentation for the same batch whatever ran before, whatever
+    random state it saved, and each rank draws its own (one shared stream would give every rank's batch at a
+    position the same flips and shifts). Seeding a generator is a host-side call: no device sync."""
+    key = hashlib.blake2b(f"{seed},{rank},{epoch},{batch}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(key, "little") >> 1)  # seeds are < 2**63
+
+
+def translate(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
     """Each image shifted by its own random (dy, dx) in [-max_shift, max_shift]^2 pixels, the border filled
     by reflection: one gather for the whole batch, any dtype (uint8 here), on the images' device."""
     n, _, h, w = images.shape
-    dy, dx = torch.randint(-max_shift, max_shift + 1, (2, n, 1), device=images.device)
+    dy, dx = torch.randint(-max_shift, max_shift + 1, (2, n, 1), device=images.device, generator=generator)
     rows = reflect(torch.arange(h, device=images.device) + dy, h)  # (n, h)
     cols = reflect(torch.arange(w, device=images.device) + dx, w)  # (n, w)
     batch = torch.arange(n, device=images.device)[:, None, None]
     return images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w)
 
 
-def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contrast: float) -> Tensor:
+def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contrast: float,
+           generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
     """Brightness and contrast jitter, one random draw per image: in normalized units z = (x - mean) / std,
     z -> (z + u * brightness) * (1 + v * contrast) with u, v uniform in [-1, 1]. Float pixels in, float out."""
     n = len(images)
-    shift = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * brightness
-    factor = (torch.rand(n, 1, 1, 1, device=images.device) * 2 - 1) * contrast + 1
+    shift = (torch.rand(n, 1, 1, 1, device=images.device, generator=generator) * 2 - 1) * brightness
+    factor = (torch.rand(n, 1, 1, 1, device=images.device, generator=generator) * 2 - 1) * contrast + 1
     mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     return (images.float() - mean + shift * std) * factor + mean  # the same, back in pixels
 
@@ -81,15 +92,16 @@ class BatchAugment(nn.Module):
             mirrored = torch.rand(len(train_images), generator=generator) < 0.5
             train_images[mirrored] = train_images[mirrored].flip(-1)
 
-    def forward(self, images: Tensor, epoch: int) -> Tensor:
-        """A training batch, uint8 (float when jittered: the model normalizes either alike)."""
+    def forward(self, images: Tensor, epoch: int, generator: torch.Generator | None = None) -> Tensor:
+        """A training batch, uint8 (float when jittered: the model normalizes either alike); the random choices
+        come from `generator` (on the images' device; None: the global RNG)."""
         if self.flip == "random":
-            mirrored = torch.rand(len(images), device=images.device) < 0.5
+            mirrored = torch.rand(len(images), device=images.device, generator=generator) < 0.5
             images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
         elif self.flip == "alternating" and epoch % 2 == 1:
             images = images.flip(-1)
         if self.translate:
-            images = translate(images, self.translate)
+            images = translate(images, self.translate, generator)
         if self.brightness or self.contrast:
-            images = jitter(images, self.pixel_mean, self.pixel_std, self.brightness, self.contrast)
+            images = jitter(images, self.pixel_mean, self.pixel_std, self.brightness, self.contrast, generator)
         return images

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cifar import datasets
-from cifar.augment import BatchAugment
+from cifar.augment import BatchAugment, batch_generator
 from cifar.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -38,7 +38,10 @@ class TensorBatches(Dataset):
         return self.images[index], self.targets[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        index = torch.tensor(indices)
+        # The index goes to the images' device first, without waiting: a CPU index into GPU tensors would be a
+        # blocking copy (the host waits for the GPU's queue) at every batch. From pageable memory the copy is
+        # staged before `to` returns, so the list's tensor may go.
+        index = torch.tensor(indices).to(self.images.device, non_blocking=True)
         return self.images[index], self.targets[index]
 
 
@@ -173,6 +176,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.sources: dict[str, dict] = {}  # "train"/"test": datasets.source() of each split read
         self.split: dict | None = None  # the split options and the counts they gave, once the training pool is read
         self.held_out: Tensor | None = None  # indices into the training pool never trained on (val + test)
+        self.train_sampler: EpochShuffle | None = None  # its seed (the run's, or a resumed checkpoint's) seeds augmentation
 
     @property
     def format(self) -> str | None:
@@ -271,7 +275,13 @@ class CIFAR10DataModule(LightningDataModule):
             return batch
         images, labels = batch
         self.augment.to(images.device)  # once: a no-op when its statistics are already there
-        return self.augment(images, self.trainer.current_epoch), labels
+        epoch = self.trainer.current_epoch
+        # This batch's place in the epoch: Lightning counts it as ready only after this hook (and a resumed fit
+        # restores the count), so the batch gets the same generator in every run that reaches it.
+        place = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = self.train_sampler.seed if self.train_sampler else torch.initial_seed()
+        generator = batch_generator(images.device, seed, self.trainer.global_rank, epoch, place)
+        return self.augment(images, epoch, generator), labels
 
     def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:
         return loader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
@@ -285,7 +295,7 @@ class CIFAR10DataModule(LightningDataModule):
         if self.trainer is not None:
             seed = self.trainer.strategy.broadcast(seed)
             world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = EpochShuffle(len(self.train_dataset), seed, num_replicas=world, rank=rank)
+        sampler = self.train_sampler = EpochShuffle(len(self.train_dataset), seed, num_replicas=world, rank=rank)
         loader = self._loader(self.train_dataset, sampler, loader=ResumableLoader)
         # Lightning's own count of this epoch's finished batches: no public hook of a data module sees it.
         loader.trained_batches = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.completed

@@ -42,7 +42,9 @@ def tta_logits(net: nn.Module, x: Tensor, tta: int) -> Tensor:
         return mirrored(x)
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+    # Copied into x's layout: a compiled net would recompile for the slices' strides (tests/test_hotpath.py).
+    up_left, down_right = (torch.empty_like(x).copy_(view) for view in (padded[..., :h, :w], padded[..., 2:, 2:]))
+    shifted = (mirrored(up_left) + mirrored(down_right)) / 2
     return (mirrored(x) + shifted) / 2
 
 
@@ -194,7 +196,9 @@ class LitModel(LightningModule):
         loss, _ = self._step(batch, "train")
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:  # the steps Lightning sends to the loggers
-            self.log("train_loss_step", loss, prog_bar=True)
+            # Not in the progress bar: Lightning would keep it there for the rest of the epoch and read it back as
+            # a number at every batch, a host sync per step on a GPU (tests/test_hotpath.py counts them).
+            self.log("train_loss_step", loss)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -216,7 +220,7 @@ class LitModel(LightningModule):
         return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
-        self.log(f"{stage}_loss", self.losses[f"{stage}_loss"], prog_bar=stage != "train")
+        self.log(f"{stage}_loss", self.losses[f"{stage}_loss"], prog_bar=True)  # read once per epoch
         self.log_dict(self.scores[f"{stage}_scores"], prog_bar=stage != "train")
 
     def on_train_epoch_end(self) -> None:

@@ -112,14 +112,15 @@ class AirbenchNet(nn.Module):
             ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum, activation),
             ConvGroup(widths[0], widths[1], batchnorm_momentum, activation),
             ConvGroup(widths[1], widths[2], batchnorm_momentum, activation),
-            nn.AdaptiveMaxPool2d(1),  # airbench: MaxPool2d(3) over the last 3x3 map; this takes any image size
-            nn.Flatten(),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.head.weight.data /= self.head.weight.data.std()  # unit-variance logits before the 1/width below
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.layers(self.whiten(x))
+        # The global max over the last map (airbench: MaxPool2d(3) over its 3x3; this takes any image size), as
+        # `amax`, whose backward is elementwise: AdaptiveMaxPool2d has no deterministic CUDA backward, so
+        # `--trainer.deterministic true` would stop at the first backward on a GPU.
+        x = self.layers(self.whiten(x)).amax((2, 3))
         return self.head(x) / x.size(-1)
 
     @torch.no_grad()

@@ -22,23 +22,32 @@ def wait_for(path_glob, root: Path, timeout: float = 120) -> Path:
     raise AssertionError(f"nothing matched {path_glob} under {root} within {timeout} s")
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
-def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, tmp_path):
+# The fast recipe's augmentation draws random numbers for each batch before Lightning's stop check: its
+# variant proves that a stop between the draw and the step does not shift the resumed run's draws.
+FAST_RECIPE = ["--config", str(Path(CONFIG).parent / "fast.yaml"), "--trainer.precision", "32",
+               "--model.scheduler.init_args.total_steps", "84000"]  # 1000 epochs: the same schedule in every run
+
+
+@pytest.mark.parametrize(("sig", "code", "recipe"), [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, []),
+                                                     (signal.SIGKILL, -9, []), (signal.SIGTERM, 143, FAST_RECIPE)],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL", "SIGTERM-fast-recipe"])  # fmt: skip
+def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, recipe, tmp_path):
     """Stop a real fit mid-training; `--ckpt_path last` continues it in the same run, with no batch lost or
     repeated: the final weights equal those of a run that was never stopped (same seed)."""
     data = make_folder_data(tmp_path / "data", per_class=60, test_per_class=1)
-    common = ["--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size", "2",
-              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
+    common = ["--config", CONFIG, *recipe, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size",
+              "2", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
               "--trainer.deterministic", "true"]  # fmt: skip
+    root = "runs/fast" if recipe else "runs/cifar"
     process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000"]), cwd=tmp_path,
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    wait_for("runs/cifar/*-fit-*/checkpoints/last.ckpt", tmp_path)  # an epoch is done: training is under way
+    wait_for(f"{root}/*-fit-*/checkpoints/last.ckpt", tmp_path)  # an epoch is done: training is under way
     time.sleep(1.0)
     process.send_signal(sig)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == code, output
 
-    run = next((tmp_path / "runs" / "cifar").glob("*-fit-*"))
+    run = next((tmp_path / root).glob("*-fit-*"))
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] > 0
     if sig != signal.SIGKILL:
@@ -46,7 +55,7 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, tmp_path):
 
     epochs = str(saved["epoch"] + 2)
     resumed = run_cli(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", epochs], tmp_path)
-    assert f"--ckpt_path last: runs/cifar/{run.name}/checkpoints/last.ckpt" in resumed.stderr
+    assert f"--ckpt_path last: {root}/{run.name}/checkpoints/last.ckpt" in resumed.stderr
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
     steps_per_epoch = (3 * 60 - 12) // 2
     assert final["epoch"] == saved["epoch"] + 1
