@@ -56,9 +56,10 @@ def run(config: str, seed: int, data: str, extra: list[str], keep: str | None) -
             raise SystemExit(f"seed {seed} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         (metrics,) = Path(root).glob("*-fit-*/**/metrics.csv")
         rows = [row for row in csv.DictReader(metrics.open()) if row.get("val_acc")]
-        fit = re.search(r"fit loop: ([0-9.]+) s", done.stdout + done.stderr)  # bench.timer.FitTimer's line
+        phases = re.search(r"fit phases: .*", done.stdout + done.stderr)  # bench.timer.FitTimer's line
+        fit = re.search(r"fit loop: ([0-9.]+) s", phases.group(0)) if phases else None
     return {"seconds": seconds, "val_acc": float(rows[-1]["val_acc"]), "epochs": int(rows[-1]["epoch"]) + 1,
-            "fit": float(fit.group(1)) if fit else None}
+            "fit": float(fit.group(1)) if fit else None, "phases": phases.group(0) if phases else ""}
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
         r = results[-1]
         loop = f" (fit loop {r['fit']:.0f} s)" if r["fit"] is not None else ""
         print(f"  seed {seed}: val_acc (TTA) {r['val_acc']:.4f} after {r['epochs']} epochs, {r['seconds']:.0f} s wall{loop}",
-              flush=True)  # fmt: skip
+              f"\n    {r['phases']}" if r["phases"] else "", flush=True)  # fmt: skip
     accs, secs = [r["val_acc"] for r in results], [r["seconds"] for r in results]
     spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
     print(f"\n{len(results)} seeds: val_acc mean {statistics.mean(accs):.4f}, std {spread(accs):.4f}, "

@@ -1,4 +1,5 @@
-"""The ceiling: a plain PyTorch loop, same CNN, batch size and optimizer, data already normalized in memory.
+"""The ceiling: a plain PyTorch loop, same CNN, batch size and optimizer, data already normalized in memory
+(on the GPU when there is one, as the app's `data_on_device`).
 
     python bench/raw_loop.py DATA_DIR --steps 400 --output times.json [--batch-size 32] [--channels-last]
 """
@@ -32,12 +33,15 @@ def main() -> None:
     images, labels = read_folder(train, *list_folder(train, folder_classes(train)))
     x = (images.float() / 255 - 0.5) / 0.5  # normalized once: no per-batch conversion at all
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
-    model = TutorialCNN(num_classes=10).to(memory_format=fmt)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, labels = x.contiguous(memory_format=fmt).to(device), labels.to(device)
+    model = TutorialCNN(num_classes=10).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    order = torch.randperm(len(x))
+    order = torch.randperm(len(x), device=device)
     starts = []
     for step in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # time finished work, as bench.timer.BatchTimer does
         starts.append(time.perf_counter())
         index = order[(step * args.batch_size) % (len(x) - args.batch_size):][: args.batch_size]
         loss = F.cross_entropy(model(x[index]), labels[index])

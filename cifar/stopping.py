@@ -82,7 +82,8 @@ class StopOnSignal(Callback):
 
 class RandomState(Callback):
     """Lightning saves no RNG state; this saves torch's (CPU and each CUDA device's) in every checkpoint, so a
-    resumed fit draws the same shuffles, augmentations and dropout as the uninterrupted run would.
+    resumed fit draws what the uninterrupted run would from the global RNG (dropout, a network's own draws).
+    The epoch's order and each batch's augmentation have their own seeded generators and do not depend on it.
 
     Restored by a resumed `fit` only (evaluating a checkpoint leaves the process's random state alone), and for
     CUDA only on the devices this process has: a checkpoint saved on 8 GPUs resumes on fewer.

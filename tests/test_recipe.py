@@ -24,6 +24,13 @@ TINY = ["--data.batch_size", "16", "--data.val_size", "12", "--trainer.enable_pr
         "--trainer.logger", "false", "--trainer.precision", "32"]  # fmt: skip
 
 
+def training_at(epoch: int, batch: int = 0, **more) -> SimpleNamespace:
+    """What a data module reads of its Trainer while training (epoch, this batch's place in it, rank), faked."""
+    progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
+    return SimpleNamespace(training=True, current_epoch=epoch, global_rank=0, **more,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+
+
 def test_translate_is_a_reflected_shift_of_each_image_within_range():
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
     assert torch.equal(translate(images, 0), images)
@@ -40,7 +47,7 @@ def test_flips_on_training_batches_only(folder_data):
     dm = CIFAR10DataModule(str(folder_data), val_size=12, flip="alternating", translate=0)
     dm.setup("fit")
     batch = (dm.train_dataset.images[:4], dm.train_dataset.targets[:4])
-    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    dm.trainer = training_at(epoch=0)
     assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], batch[0])
     dm.trainer.current_epoch = 1  # odd epochs: every image mirrored
     assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], batch[0].flip(-1))
@@ -54,7 +61,7 @@ def test_flips_on_training_batches_only(folder_data):
     assert (flipped | same).all() and 0 < flipped.sum() < len(flipped)
 
     dm = CIFAR10DataModule(str(folder_data), val_size=12, flip="random")
-    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    dm.trainer = training_at(epoch=0)
     images = torch.randint(0, 256, (256, 3, 4, 4), dtype=torch.uint8)
     out = dm.on_after_batch_transfer((images, torch.zeros(256)), 0)[0]
     mirrored = (out == images.flip(-1)).flatten(1).all(1)
@@ -68,7 +75,7 @@ def test_brightness_and_contrast_jitter_each_training_image_in_normalized_units(
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3), correction=0).view(1, 3, 1, 1)
     torch.testing.assert_close(dm.augment.pixel_mean.view(1, 3, 1, 1).double(), mean, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dm.augment.pixel_std.view(1, 3, 1, 1).double(), std, rtol=1e-5, atol=1e-4)
-    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    dm.trainer = training_at(epoch=0)
     images = dm.train_dataset.images[:24]
     out = dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0].double()
     z, z_out = (images.double() - mean) / std, (out - mean) / std
@@ -306,6 +313,30 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     assert "test_acc" in test.stdout
 
 
+def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, monkeypatch):
+    """configs/fast95.yaml: fast.yaml's recipe (optimizer, schedule, augmentation, TTA) with the net's widths
+    128/384/384 and 12 epochs; it fits and tests end to end (one epoch here)."""
+    import yaml
+    from conftest import make_folder_data
+
+    fast, fast95 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast.yaml", "fast95.yaml"))
+    assert fast95["model"]["net"]["init_args"].pop("widths") == [128, 384, 384]
+    assert (fast95["trainer"].pop("max_epochs"), fast95["trainer"].pop("check_val_every_n_epoch")) == (12, 12)
+    assert fast95["trainer"].pop("default_root_dir") == "runs/fast95"
+    for key in ("max_epochs", "check_val_every_n_epoch", "default_root_dir"):
+        fast["trainer"].pop(key)
+    assert fast95 == fast  # nothing else differs
+
+    data = make_folder_data(tmp_path / "data", per_class=12)
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs" / "fast95.yaml"), "--data.data_dir", str(data), *TINY]
+    main(["fit", *common, "--data.val_size", "6", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
+    (run,) = Path("runs/fast95").glob("*-fit*")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["state_dict"]["classifier.net.head.weight"].shape == (len(CLASSES), 384)
+    assert "test_acc" in run_cli(["test", "--config", common[1], "--ckpt_path", "last", *TINY], tmp_path).stdout
+
+
 def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(folder_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(ROOT / "configs" / "cifar.yaml"), "--data.data_dir", str(folder_data), *TINY,
@@ -337,9 +368,9 @@ def test_data_moves_to_the_accelerator_once(folder_data, monkeypatch):
         return moved
 
     monkeypatch.setattr(torch.Tensor, "to", counted)
+    monkeypatch.setattr("cifar.data.batch_generator", lambda *args: None)  # "meta" has no random generator
     dm = CIFAR10DataModule(str(folder_data), val_size=12, test_size=6, flip="random", brightness=0.1)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), training=True,
-                                 current_epoch=0, world_size=1, global_rank=0)  # fmt: skip
+    dm.trainer = training_at(epoch=0, strategy=SimpleNamespace(root_device=torch.device("meta")), world_size=1)
     dm.setup("fit")
     dm.setup("validate")  # Lightning sets up each stage: nothing moves twice
     assert {dm.train_dataset.images.device.type, dm.val_dataset.targets.device.type} == {"meta"}
@@ -348,7 +379,8 @@ def test_data_moves_to_the_accelerator_once(folder_data, monkeypatch):
     for batch in dm._loader(dm.train_dataset):  # every batch of an epoch, augmented where it is
         images, _ = dm.on_after_batch_transfer(batch, 0)
         assert images.device.type == "meta"
-    assert sorted(moves) == sorted([*datasets, (3,), (3,)])  # and the jitter's statistics, once
+    # and the jitter's statistics, once, and each batch's index (30 images: one batch): never images again
+    assert sorted(moves) == sorted([*datasets, (3,), (3,), (30,)])
     off = CIFAR10DataModule(str(folder_data), val_size=12, data_on_device=False)
     off.trainer = dm.trainer
     off.setup("fit")
@@ -361,7 +393,7 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2, tta_fraction=0.25)
     dm = CIFAR10DataModule("unused", flip="random", translate=2, brightness=0.1, contrast=0.1)
     dm.augment.pixel_mean, dm.augment.pixel_std = torch.full((3,), 120.0), torch.full((3,), 60.0)
-    dm.trainer = SimpleNamespace(training=True, current_epoch=1)
+    dm.trainer = training_at(epoch=1)
     optimizer = Muon(model.parameters(), lr=0.1, bias_lr=0.1, head_lr=0.1)
     batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))
 
