@@ -46,9 +46,10 @@ echo "travels: working tree $((tree / 1024)) KiB + .gpu $((carried / 1024 / 1024
 
 cat <<EOF
 
-Ready. The GPU check is one call of the device tool's run (about 8 minutes; logs come back under \$OUT):
+Ready. The GPU check is one call of the device tool's run (at most 8 minutes of steps; logs come back under \$OUT;
+           a machine's start adds a minute or two: a rerun fits in the 15 minutes only if this one stops early):
   command:   bash bench/gpu/run.sh
   carry:     [".gpu"]
-  timeout_s: 540
+  timeout_s: 560
 Dry run here first (CPU, same steps, tiny runs):  bash bench/gpu/run.sh --dry-run
 EOF

@@ -74,7 +74,8 @@ class EpochProfile(Callback):
 
         parts = {
             "training step (forward, backward, optimizer)": lambda k: k.startswith("step: "),
-            "optimizer step": lambda k: k.startswith("Optimizer.step#"),
+            "optimizer step (Lightning runs forward and backward inside it, as its closure)":
+                lambda k: k.startswith("Optimizer.step#"),
             "backward": lambda k: k.startswith("autograd::engine::evaluate_function"),
         }
         step_ms = host_ms(parts["training step (forward, backward, optimizer)"])
