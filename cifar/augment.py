@@ -1,4 +1,4 @@
-"""Training-time augmentation of whole batches on the device: flips, shifts, brightness and contrast jitter.
+"""Training-time augmentation of whole batches on the device: flips, shifts, brightness and contrast jitter, cutout.
 
 One `BatchAugment` module per data module; it sees uint8 batches (N, 3, H, W) where they already are
 (on the GPU when training there), draws one random choice per image from the batch's own generator
@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from cifar.errors import UserError
 
 
 def reflect(index: Tensor, size: int) -> Tensor:
@@ -49,6 +51,20 @@ def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contras
     return (images.float() - mean + shift * std) * factor + mean  # the same, back in pixels
 
 
+def cutout(images: Tensor, size: int, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each image with one random size x size square (wholly inside it) set to `fill` (per channel, in pixels: the
+    training pixels' mean, which is 0 once normalized, as airbench96's cutout of normalized images). One mask for
+    the whole batch, no loop over images."""
+    n, _, h, w = images.shape
+    top = torch.randint(0, h - size + 1, (n, 1), device=images.device, generator=generator)
+    left = torch.randint(0, w - size + 1, (n, 1), device=images.device, generator=generator)
+    y, x = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+    rows, cols = (y >= top) & (y < top + size), (x >= left) & (x < left + size)  # (n, h), (n, w)
+    square = (rows[:, :, None] & cols[:, None, :])[:, None]  # (n, 1, h, w)
+    fill = fill.to(images.dtype) if images.is_floating_point() else fill.round().to(images.dtype)
+    return torch.where(square, fill.view(1, -1, 1, 1), images)
+
+
 def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
     """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in pixel units, in float64
     chunks (no float copy of the whole set)."""
@@ -64,7 +80,7 @@ def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tenso
 
 
 class BatchAugment(nn.Module):
-    """flip, then translate, then brightness/contrast jitter, each off at its default.
+    """flip, then translate, then brightness/contrast jitter, then cutout, each off at its default.
 
     Args:
         flip: `random` flips each image with probability 1/2; `alternating` (airbench) flips a random half of
@@ -73,20 +89,26 @@ class BatchAugment(nn.Module):
         translate: Largest shift in pixels, in x and y (reflected border); 0: off.
         brightness: Largest shift of an image's pixels, in standard deviations of the training pixels.
         contrast: Largest relative change of an image's deviation from the training pixels' mean.
+        cutout: Side in pixels of the square set to the training pixels' mean in each image; 0: off.
     """
 
     def __init__(self, flip: Literal["none", "random", "alternating"] = "none", translate: int = 0,
-                 brightness: float = 0.0, contrast: float = 0.0):  # fmt: skip
+                 brightness: float = 0.0, contrast: float = 0.0, cutout: int = 0):  # fmt: skip
         super().__init__()
         self.flip, self.translate, self.brightness, self.contrast = flip, translate, brightness, contrast
-        # The jitter's units, per channel, in pixels: set by `prepare`; buffers, so they follow the batches' device.
+        self.cutout = cutout
+        # The jitter's units and cutout's fill, per channel, in pixels: set by `prepare`; buffers, so they follow
+        # the batches' device.
         self.register_buffer("pixel_mean", torch.zeros(3), persistent=False)
         self.register_buffer("pixel_std", torch.ones(3), persistent=False)
 
     def prepare(self, train_images: Tensor, generator: torch.Generator) -> None:
-        """Once per training set, in place: the jitter's statistics, and the mirrored half of `alternating`
+        """Once per training set, in place: the jitter's and cutout's statistics, the mirrored half of `alternating`
         (drawn from `generator`, the split's, so every DDP rank and every resume mirrors the same half)."""
-        if self.brightness or self.contrast:
+        if self.cutout > min(train_images.shape[-2:]):
+            raise UserError(f"--data.cutout {self.cutout} is larger than the {tuple(train_images.shape[-2:])} images: "
+                            f"pass a side of at most {min(train_images.shape[-2:])} pixels, or 0 for none")
+        if self.brightness or self.contrast or self.cutout:
             self.pixel_mean, self.pixel_std = channel_statistics(train_images)
         if self.flip == "alternating":
             mirrored = torch.rand(len(train_images), generator=generator) < 0.5
@@ -104,4 +126,6 @@ class BatchAugment(nn.Module):
             images = translate(images, self.translate, generator)
         if self.brightness or self.contrast:
             images = jitter(images, self.pixel_mean, self.pixel_std, self.brightness, self.contrast, generator)
+        if self.cutout:
+            images = cutout(images, self.cutout, self.pixel_mean, generator)
         return images

@@ -134,6 +134,8 @@ class CIFAR10DataModule(LightningDataModule):
         contrast: Scale each training image's deviation from the training pixels' mean by one random factor
             in [1 - contrast, 1 + contrast]; 0: off. With `brightness`, the jitter of hiverge's
             cifar10-speedrun (0.14 and 0.13 there): on normalized images, (x + shift) * factor.
+        cutout: Set one random square of this side (pixels, wholly inside the image) of each training image to
+            the training pixels' mean (airbench96: 12); 0: off.
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
@@ -157,6 +159,7 @@ class CIFAR10DataModule(LightningDataModule):
         translate: NonNegativeInt = 0,
         brightness: NonNegativeFloat = 0.0,
         contrast: NonNegativeFloat = 0.0,
+        cutout: NonNegativeInt = 0,
         data_on_device: bool = True,
         allow_overlap: bool = False,
     ):
@@ -171,7 +174,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.seed = seed
         self.download, self.skip_bad_images, self.data_on_device = download, skip_bad_images, data_on_device
         self.predict_dir = Path(predict_dir) if predict_dir else None
-        self.augment = BatchAugment(flip, translate, brightness, contrast)
+        self.augment = BatchAugment(flip, translate, brightness, contrast, cutout)
         self.predict_files: list[Path] = []
         self.sources: dict[str, dict] = {}  # "train"/"test": datasets.source() of each split read
         self.split: dict | None = None  # the split options and the counts they gave, once the training pool is read

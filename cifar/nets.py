@@ -67,22 +67,40 @@ class TorchvisionNet(nn.Module):
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 
-class ConvGroup(nn.Sequential):
-    """conv 3x3 -> max pool 2 -> BN -> act -> conv 3x3 -> BN -> act (BN with a bias but no scale)."""
+class Residual(nn.Sequential):
+    """x + layers(x)."""
 
-    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float, activation: str = "gelu"):
+    def forward(self, x: Tensor) -> Tensor:
+        return x + super().forward(x)
+
+
+class ConvGroup(nn.Sequential):
+    """conv 3x3 -> max pool 2 -> BN -> act -> conv 3x3 -> BN -> act (BN with a bias but no scale).
+
+    With `depth` 3 or more (airbench96), the convs after the first are wrapped in a skip connection, the last
+    activation after the sum: conv -> pool -> BN -> act -> x + (conv -> BN -> act -> ... -> conv -> BN)(x) -> act.
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float, activation: str = "gelu",
+                 depth: int = 2):  # fmt: skip
         def norm() -> nn.BatchNorm2d:  # airbench's momentum 0.6 keeps 60% of the old statistics: torch's 0.4
             bn = nn.BatchNorm2d(channels_out, eps=1e-12, momentum=1 - batchnorm_momentum)
             bn.weight.requires_grad_(False)  # a scale would only duplicate the next conv's
             return bn
 
+        def conv(channels: int) -> nn.Conv2d:
+            return nn.Conv2d(channels, channels_out, 3, padding="same", bias=False)
+
         act = ACTIVATIONS[activation]
-        super().__init__(
-            nn.Conv2d(channels_in, channels_out, 3, padding="same", bias=False), nn.MaxPool2d(2), norm(), act(),
-            nn.Conv2d(channels_out, channels_out, 3, padding="same", bias=False), norm(), act(),
-        )  # fmt: skip
-        for conv in (self[0], self[4]):  # identity on the first channels: each group starts near a skip path
-            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+        first = [conv(channels_in), nn.MaxPool2d(2), norm(), act()]
+        if depth == 2:  # airbench94/95: a plain stack (and the layout of every checkpoint before `depth`)
+            super().__init__(*first, conv(channels_out), norm(), act())
+        else:
+            inner = [m for _ in range(depth - 2) for m in (conv(channels_out), norm(), act())]
+            super().__init__(*first, Residual(*inner, conv(channels_out), norm()), act())
+        for layer in self.modules():  # identity on the first channels: each group starts near a skip path
+            if isinstance(layer, nn.Conv2d):
+                nn.init.dirac_(layer.weight.data[: layer.in_channels])
 
 
 class AirbenchNet(nn.Module):
@@ -90,6 +108,8 @@ class AirbenchNet(nn.Module):
     its description: a frozen 2x2 patch-whitening conv, three conv groups of widths 64/256/256 with GELU
     and weightless BatchNorm, a 3x3 max pool and a bias-free linear head; about 2M parameters and 0.28
     GFLOPs per 32x32 image. No residual connections: Dirac-initialized convs give the same head start.
+    airbench95 widens it (128/384/384); airbench96 widens it more (128/384/512) and deepens each group to
+    3 convs, the last two under a skip connection (`depth: 3`).
 
     Args:
         num_classes: Number of output logits (linked from `data.num_classes`).
@@ -98,20 +118,23 @@ class AirbenchNet(nn.Module):
         whiten_kernel_size: Side of the image patches the first layer whitens; it has 2 * 3 * side^2 channels.
         activation: Nonlinearity of the conv groups: `gelu` (airbench) or `silu` (hiverge's cifar10-speedrun,
             the 2025 record); the whitened input always goes through a GELU.
+        depth: Convs per group, at least 2; from 3 on, all but the first are under a skip connection.
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
                  batchnorm_momentum: float = 0.6, whiten_kernel_size: int = 2,
-                 activation: Literal["gelu", "silu"] = "gelu"):  # fmt: skip
+                 activation: Literal["gelu", "silu"] = "gelu", depth: int = 2):  # fmt: skip
         super().__init__()
+        if depth < 2:
+            raise UserError(f"--model.net.init_args.depth {depth}: a conv group has at least 2 convs")
         k = whiten_kernel_size
         self.whiten = nn.Conv2d(3, 2 * 3 * k * k, k, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data's patch covariance, then fixed
         self.layers = nn.Sequential(
             nn.GELU(),
-            ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum, activation),
-            ConvGroup(widths[0], widths[1], batchnorm_momentum, activation),
-            ConvGroup(widths[1], widths[2], batchnorm_momentum, activation),
+            ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum, activation, depth),
+            ConvGroup(widths[0], widths[1], batchnorm_momentum, activation, depth),
+            ConvGroup(widths[1], widths[2], batchnorm_momentum, activation, depth),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.head.weight.data /= self.head.weight.data.std()  # unit-variance logits before the 1/width below

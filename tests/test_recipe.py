@@ -89,6 +89,49 @@ def test_brightness_and_contrast_jitter_each_training_image_in_normalized_units(
     assert dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0] is images
 
 
+def test_cutout_sets_one_square_per_training_image_to_the_pixel_mean(folder_data):
+    dm = CIFAR10DataModule(str(folder_data), val_size=12, cutout=5)
+    dm.setup("fit")
+    fill = dm.augment.pixel_mean.round().to(torch.uint8).view(1, 3, 1, 1)
+    torch.testing.assert_close(dm.augment.pixel_mean, dm.train_dataset.images.float().mean((0, 2, 3)))
+    images = dm.train_dataset.images[:24]
+    dm.trainer = training_at(epoch=0)
+    out = dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0]
+    changed = (out != images).any(1)  # (n, h, w)
+    corners = []
+    for image, square in zip(out, changed):  # the changed pixels lie in one 5x5 square, all of it the mean
+        rows, cols = square.any(1).nonzero().flatten(), square.any(0).nonzero().flatten()
+        top, left = int(rows.max()) - 4, int(cols.max()) - 4
+        assert rows.min() >= top and cols.min() >= left and top >= 0 and left >= 0
+        assert (image[:, top : top + 5, left : left + 5] == fill[0]).all()
+        corners.append((top, left))
+    assert len(set(corners)) > 12  # each image its own square
+    assert torch.equal(dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0], out)  # the batch's generator
+    dm.trainer.training = False
+    assert dm.on_after_batch_transfer((images, torch.zeros(24)), 0)[0] is images
+
+    too_big = CIFAR10DataModule(str(folder_data), val_size=12, cutout=33)
+    with pytest.raises(UserError, match="--data.cutout 33 is larger than the"):
+        too_big.setup("fit")
+
+
+def test_deeper_conv_groups_put_all_but_their_first_conv_under_a_skip_connection():
+    two = AirbenchNet(num_classes=3, widths=(8, 16, 16))  # airbench94's layout, which older checkpoints hold
+    assert [k for k in two.layers[1].state_dict() if k.endswith("weight")] == ["0.weight", "2.weight", "4.weight", "5.weight"]
+    three = AirbenchNet(num_classes=3, widths=(8, 16, 32), depth=3).eval()
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in three.modules()) == 1 + 3 * 3
+    group = three.layers[2]
+    x = torch.randn(2, 8, 16, 16)
+    first = torch.nn.Sequential(*list(group)[:4])(x)  # conv -> pool -> BN -> act
+    with torch.no_grad():
+        group[4][-2].weight.zero_()  # the skipped branch's last conv: the branch adds only its BN's bias
+        group[4][-1].bias.fill_(0.5)
+    torch.testing.assert_close(group(x), group[5](first + 0.5))
+    assert three(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(UserError, match="at least 2 convs"):
+        AirbenchNet(depth=1)
+
+
 def test_silu_replaces_gelu_in_the_conv_groups_only():
     net = AirbenchNet(num_classes=3, widths=(8, 16, 16), activation="silu")
     kinds = [type(m).__name__ for m in net.modules() if isinstance(m, torch.nn.GELU | torch.nn.SiLU)]
@@ -315,13 +358,13 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
 
 def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, monkeypatch):
     """configs/fast95.yaml: fast.yaml's recipe (optimizer, schedule, augmentation, TTA) with the net's widths
-    128/384/384 and 12 epochs; it fits and tests end to end (one epoch here)."""
+    128/384/384 and 15 epochs; it fits and tests end to end (one epoch here)."""
     import yaml
     from conftest import make_folder_data
 
     fast, fast95 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast.yaml", "fast95.yaml"))
     assert fast95["model"]["net"]["init_args"].pop("widths") == [128, 384, 384]
-    assert (fast95["trainer"].pop("max_epochs"), fast95["trainer"].pop("check_val_every_n_epoch")) == (12, 12)
+    assert (fast95["trainer"].pop("max_epochs"), fast95["trainer"].pop("check_val_every_n_epoch")) == (15, 15)
     assert fast95["trainer"].pop("default_root_dir") == "runs/fast95"
     for key in ("max_epochs", "check_val_every_n_epoch", "default_root_dir"):
         fast["trainer"].pop(key)
@@ -334,6 +377,36 @@ def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, mon
     (run,) = Path("runs/fast95").glob("*-fit*")
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["state_dict"]["classifier.net.head.weight"].shape == (len(CLASSES), 384)
+    assert "test_acc" in run_cli(["test", "--config", common[1], "--ckpt_path", "last", *TINY], tmp_path).stdout
+
+
+def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(tmp_path, monkeypatch):
+    """configs/fast96.yaml: fast95.yaml with airbench96's net (128/384/512, 3 convs a group), 4-pixel shifts,
+    12-pixel cutout and more epochs; it fits, and a new process tests its checkpoint."""
+    import yaml
+    from conftest import make_folder_data
+
+    fast95, fast96 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast95.yaml", "fast96.yaml"))
+    net = fast96["model"]["net"]["init_args"]
+    assert (net.pop("widths"), net.pop("depth")) == ([128, 384, 512], 3)
+    assert (fast96["data"].pop("translate"), fast96["data"].pop("cutout")) == (4, 12)
+    epochs = fast96["trainer"].pop("max_epochs")
+    assert fast96["trainer"].pop("check_val_every_n_epoch") == epochs > 15
+    assert fast96["trainer"].pop("default_root_dir") == "runs/fast96"
+    for key in ("max_epochs", "check_val_every_n_epoch", "default_root_dir"):
+        fast95["trainer"].pop(key)
+    fast95["model"]["net"]["init_args"].pop("widths")
+    fast95["data"].pop("translate")
+    assert fast96 == fast95  # nothing else differs
+
+    data = make_folder_data(tmp_path / "data", per_class=12)
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs" / "fast96.yaml"), "--data.data_dir", str(data), *TINY]
+    main(["fit", *common, "--data.val_size", "6", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
+    (run,) = Path("runs/fast96").glob("*-fit*")
+    weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert weights["classifier.net.head.weight"].shape == (len(CLASSES), 512)
+    assert weights["classifier.net.layers.3.4.3.weight"].shape == (512, 512, 3, 3)  # the third conv of group 3
     assert "test_acc" in run_cli(["test", "--config", common[1], "--ckpt_path", "last", *TINY], tmp_path).stdout
 
 
