@@ -356,11 +356,24 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     assert "test_acc" in test.stdout
 
 
+def fit_one_epoch_and_test(config: str, tmp_path: Path, monkeypatch) -> dict:
+    """configs/<config>.yaml fitted for one epoch on tiny data, then `test --ckpt_path last` in a new process;
+    returns the last checkpoint's weights."""
+    from conftest import make_folder_data
+
+    data = make_folder_data(tmp_path / "data", per_class=12)
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs" / f"{config}.yaml"), "--data.data_dir", str(data), *TINY]
+    main(["fit", *common, "--data.val_size", "6", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
+    (run,) = Path(f"runs/{config}").glob("*-fit*")
+    assert "test_acc" in run_cli(["test", *common[:2], "--ckpt_path", "last", *TINY], tmp_path).stdout
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
 def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, monkeypatch):
     """configs/fast95.yaml: fast.yaml's recipe (optimizer, schedule, augmentation, TTA) with the net's widths
     128/384/384 and 15 epochs; it fits and tests end to end (one epoch here)."""
     import yaml
-    from conftest import make_folder_data
 
     fast, fast95 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast.yaml", "fast95.yaml"))
     assert fast95["model"]["net"]["init_args"].pop("widths") == [128, 384, 384]
@@ -370,21 +383,14 @@ def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, mon
         fast["trainer"].pop(key)
     assert fast95 == fast  # nothing else differs
 
-    data = make_folder_data(tmp_path / "data", per_class=12)
-    monkeypatch.chdir(tmp_path)
-    common = ["--config", str(ROOT / "configs" / "fast95.yaml"), "--data.data_dir", str(data), *TINY]
-    main(["fit", *common, "--data.val_size", "6", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
-    (run,) = Path("runs/fast95").glob("*-fit*")
-    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["state_dict"]["classifier.net.head.weight"].shape == (len(CLASSES), 384)
-    assert "test_acc" in run_cli(["test", "--config", common[1], "--ckpt_path", "last", *TINY], tmp_path).stdout
+    weights = fit_one_epoch_and_test("fast95", tmp_path, monkeypatch)
+    assert weights["classifier.net.head.weight"].shape == (len(CLASSES), 384)
 
 
 def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(tmp_path, monkeypatch):
     """configs/fast96.yaml: fast95.yaml with airbench96's net (128/384/512, 3 convs a group), 4-pixel shifts,
     12-pixel cutout and more epochs; it fits, and a new process tests its checkpoint."""
     import yaml
-    from conftest import make_folder_data
 
     fast95, fast96 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast95.yaml", "fast96.yaml"))
     net = fast96["model"]["net"]["init_args"]
@@ -399,15 +405,9 @@ def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(tm
     fast95["data"].pop("translate")
     assert fast96 == fast95  # nothing else differs
 
-    data = make_folder_data(tmp_path / "data", per_class=12)
-    monkeypatch.chdir(tmp_path)
-    common = ["--config", str(ROOT / "configs" / "fast96.yaml"), "--data.data_dir", str(data), *TINY]
-    main(["fit", *common, "--data.val_size", "6", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
-    (run,) = Path("runs/fast96").glob("*-fit*")
-    weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    weights = fit_one_epoch_and_test("fast96", tmp_path, monkeypatch)
     assert weights["classifier.net.head.weight"].shape == (len(CLASSES), 512)
     assert weights["classifier.net.layers.3.4.3.weight"].shape == (512, 512, 3, 3)  # the third conv of group 3
-    assert "test_acc" in run_cli(["test", "--config", common[1], "--ckpt_path", "last", *TINY], tmp_path).stdout
 
 
 def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(folder_data, tmp_path, monkeypatch, capsys):
