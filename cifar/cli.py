@@ -1,26 +1,30 @@
 """The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, plain
 typed functions for the tools (export, serve), and every mistake a user can make as one line with exit code 2.
 
-Every command takes `--config` and `--ckpt_path best|last|PATH`; what they mean, and everything else about
-a run (its directory, W&B id, record, lock, and what a checkpoint may be evaluated on), is `cifar/run.py`'s.
+Every command takes `--config` and `--ckpt_path best|last|PATH` (README, "Runs"); the run's directory, W&B id,
+record, lock and what a checkpoint may be evaluated on are `cifar/run.py`'s.
 """
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
+import wandb
 import wandb.errors
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from jsonargparse.typing import Path_fr
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar import run
 from cifar.checkpoints import load_checkpoint
-from cifar.data import SPLIT_OPTIONS, CIFAR10DataModule
+from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
 from cifar.export import export
 from cifar.malloc import keep_freed_memory
@@ -32,7 +36,8 @@ TOOLS = {"export": export, "serve": serve}  # subcommands that are not training:
 
 
 class CifarCLI(LightningCLI):
-    """LightningCLI with linked class counts and the run record of `cifar/run.py`."""
+    """LightningCLI with linked class counts, `--ckpt_path best|last`, a checkpoint's own config, and the run record
+    of `cifar/run.py`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the number of classes; model and net follow (no number typed twice).
@@ -41,60 +46,95 @@ class CifarCLI(LightningCLI):
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")  # saved in checkpoints
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """Parse; then turn `--ckpt_path best|last` into a file and, with no `--config`, parse again on top of
-        that run's own config (cifar/run.py, rules 5-6). Before LightningCLI reads the checkpoint's
-        hyperparameters, so `test` rebuilds the network that was trained."""
+        """Parse; with a checkpoint, read it (once) and parse the same arguments again on top of its config, so that
+        `--config` files and the options typed win over it, and `test --ckpt_path best` needs no `--config`."""
         super().parse_arguments(parser, args)
-        self.argv = sys.argv[1:] if args is None else list(args)
+        self.checkpoint = None
         command = self.config.get("subcommand")
-        config = self.config.get(command) if command else None
-        if config is None or not config.get("ckpt_path"):
+        if not (command and self.config[command].get("ckpt_path")):
             return
+        config = self.config[command]
         ckpt_path = run.find_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir))
-        if not config.get("config") and (start := run.config_of(ckpt_path)):
-            at = self.argv.index(command) + 1
-            self.config = parser.parse_args([*self.argv[:at], "--config", str(start), *self.argv[at:]])
-            config = self.config[command]
-            rank_zero_info(f"Config: {start}, the checkpoint's run's (options on the command line win)")
-        config.ckpt_path = str(ckpt_path)
-        # LightningCLI next puts the checkpoint's hyperparameters over the whole config, the command line
-        # included (Lightning #20801, #21455): what the user typed (`--model.tta 0`) is put back on top after.
-        self.typed = {key: config[key] for key in typed_options(self.argv, config)}
+        self.checkpoint = load_checkpoint(ckpt_path)
+        start = parser.parse_object({"subcommand": command, command: run.config_of(self.checkpoint)}, defaults=False)
+        self.config = parser.parse_args(args, namespace=start)
+        self.config[command].ckpt_path = str(ckpt_path)
+        rank_zero_info(f"Config: checkpoint {ckpt_path}'s, then --config files and the command line")
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: `parse_arguments` has parsed the command line over the checkpoint's config. LightningCLI's own step
+        puts the checkpoint's hyperparameters over the command line (Lightning #21455): `--model.tta 1` would be lost."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        for key, value in getattr(self, "typed", {}).items():
-            if key.startswith("model."):
-                config[key] = value
-        train = run.training_source(self.subcommand, config.data)  # before anything is made: stray files stop here
-        evaluation = trained_on = None
-        if config.ckpt_path and self.subcommand in ("fit", "validate", "test"):
-            split_typed = {key.split(".")[1] for key in getattr(self, "typed", {})} & set(SPLIT_OPTIONS)
-            evaluation = run.evaluation(self.subcommand, config.data, train, split_typed, Path(config.ckpt_path))
-            if self.subcommand == "fit":
-                trained_on = run.training_record(load_checkpoint(Path(config.ckpt_path)))
-        this_run = run.Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
-        # Rule 3, before the trainer starts W&B: only a resumed run can have another writer (a new one has a new
-        # directory); rank 0 by the launcher's environment, as Lightning's rank_zero_only knows it this early.
-        held = this_run.lock() if this_run.resumed and rank_zero_only.rank == 0 else None
-        self.save_config_kwargs = {"run": this_run, "user_config": config.clone(), "evaluation": evaluation,
-                                   "trained_on": trained_on, "held": held}  # fmt: skip
-        this_run.configure(config)
+        self.run = run.Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
+        if self.subcommand == "fit" and self.checkpoint:
+            self.run.trained_on = run.training_record(self.checkpoint) or []
+        # Before the trainer starts W&B: only a resumed run can have another writer (a new one has a new directory);
+        # rank 0 by the launcher's environment, as Lightning's rank_zero_only knows it this early.
+        held = self.run.lock() if self.run.resumed and rank_zero_only.rank == 0 else None
+        self.save_config_kwargs = {"run": self.run, "user_config": config.clone(), "held": held}
+        point_at(self.run, config)
+
+    def after_instantiate_classes(self) -> None:
+        """Read the data now, so that a bad file, or an evaluation of a checkpoint on images it trained on, stops the
+        command before anything is written (Lightning starts W&B before it sets the data up). Data still to be
+        downloaded is read when the trainer runs, and cannot be checked."""
+        data = self.datamodule
+        if data.format is None and self.subcommand != "predict":
+            return
+        data.setup(self.subcommand)  # Lightning's stages are the commands' names
+        if self.checkpoint and self.subcommand != "predict":
+            self.run.evaluation = run.evaluation(self.subcommand, data, self.checkpoint, self.config[self.subcommand].ckpt_path)
 
     def before_fit(self) -> None:
         keep_freed_memory()  # training only: larger RSS for faster CPU steps (cifar/malloc.py)
 
 
-def typed_options(argv: list[str], config) -> list[str]:
-    """The keys of `config` that `--model.*` and `--data.*` arguments in argv set (`--model.optimizer.lr` sets
-    `model.optimizer.init_args.lr`)."""
-    keys = []
-    for arg in argv:
-        if arg.startswith(("--model.", "--data.")):
-            key = arg[2:].split("=", 1)[0]
-            matches = [k for k in config.keys() if k == key or k.replace(".init_args.", ".") == key]
-            keys += matches or [k for k in config.keys() if k.startswith(key + ".")]
-    return keys
+def point_at(run_: run.Run, config: Namespace) -> None:
+    """Point the parsed config at the run: the trainer's root, every logger's `save_dir` (W&B: the run's id, the
+    command as job type, offline without a key), ModelCheckpoint's `dirpath` where unset. On the config because
+    LightningCLI builds the trainer, loggers and callbacks from it, and none takes a directory afterwards."""
+    config.trainer.default_root_dir = str(run_.dir)
+    for logger in entries(config.trainer.logger):
+        if "save_dir" in logger.init_args:
+            logger.init_args.save_dir = str(run_.dir)
+        if issubclass(class_of(logger.class_path), WandbLogger):
+            # Absolute: W&B resolves a relative dir against the working directory of the process's first run.
+            logger.init_args.save_dir = str(run_.dir.resolve())
+            if not (logger.init_args.get("version") or logger.init_args.get("id")):
+                logger.init_args.version = run_.id
+            logger.init_args.job_type = logger.init_args.get("job_type") or run_.command
+            offline_without_a_key(logger.init_args)
+    for callback in entries(config.trainer.callbacks):
+        if issubclass(class_of(callback.class_path), ModelCheckpoint) and not callback.init_args.get("dirpath"):
+            callback.init_args.dirpath = str(run_.dir / "checkpoints")
+
+
+def offline_without_a_key(init_args: Namespace) -> None:
+    """W&B's own settings decide online or offline, except that with no API key a run logs offline rather than
+    prompting or failing (and says how to upload it). `offline: true` or a `mode` in the config wins."""
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds; W&B's 90 is long to wait for an error
+    if init_args.get("offline") and init_args.get("log_model"):  # WandbLogger refuses the pair, in a traceback
+        raise UserError("log_model with offline: true: Lightning's WandbLogger refuses to log checkpoints offline. Drop "
+                        "offline (with no API key configured the run logs offline anyway, checkpoints included, for "
+                        "`wandb sync`) or log_model")  # fmt: skip
+    if init_args.get("offline") or init_args.get("mode"):
+        return
+    if (os.environ.get("WANDB_MODE") or wandb.setup().settings.mode) == "online" and not wandb.login(prompt=False):
+        init_args.mode = "offline"
+        rank_zero_info("W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline; "
+                       "upload it later with `wandb sync <run dir>/wandb`")  # fmt: skip
+
+
+def class_of(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def entries(value) -> list[Namespace]:
+    """The class_path/init_args entries of a config value that may be None, a bool, one entry or a list."""
+    return [e for e in (value if isinstance(value, list) else [value]) if isinstance(e, Namespace) and "class_path" in e]
 
 
 def run_tool(name: str, argv: list[str]) -> None:

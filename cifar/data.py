@@ -3,7 +3,8 @@
 Batches are (uint8 images (N, 3, 32, 32), int64 labels (N,)), gathered with one tensor index per
 batch (`__getitems__`), never one PIL image per sample; training batches are augmented on the device
 (`cifar/augment.py`) and the model normalizes them there. What a checkpoint may be evaluated on is not
-this module's business: it exposes what it read (`sources`, `split`, `held_out`) and `cifar/run.py` decides.
+this module's business: it exposes what it read and chose (`sources`, `split`, `val_index`, `test_index`,
+`held_out`), and `cifar/run.py` checks that against what the checkpoint trained on.
 """
 
 from functools import cached_property
@@ -15,80 +16,14 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from cifar import datasets
 from cifar.augment import BatchAugment, batch_generator
 from cifar.errors import UserError
+from cifar.loaders import EpochShuffle, ResumableLoader, TensorBatches, keep_batch
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-SPLIT_OPTIONS = ("seed", "val_size", "test_size")  # what draws the split: a checkpoint records them
-
-
-class TensorBatches(Dataset):
-    """Images and targets held as two tensors; a DataLoader fetches a whole batch with one index op."""
-
-    def __init__(self, images: Tensor, targets: Tensor):
-        self.images, self.targets = images, targets
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.targets[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        # The index goes to the images' device first, without waiting: a CPU index into GPU tensors would be a
-        # blocking copy (the host waits for the GPU's queue) at every batch. From pageable memory the copy is
-        # staged before `to` returns, so the list's tensor may go.
-        index = torch.tensor(indices).to(self.images.device, non_blocking=True)
-        return self.images[index], self.targets[index]
-
-
-class EpochShuffle(DistributedSampler):
-    """DistributedSampler's order (a new one each epoch, from the seed and the epoch number alone; under DDP,
-    this rank's shard), which can start part-way through an epoch: `skip`, set by `ResumableLoader`.
-
-    A stock RandomSampler draws from the global RNG, which a resumed run has not replayed. Being a
-    DistributedSampler also makes Lightning keep it as it is under DDP (it would wrap anything else).
-    """
-
-    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip: tuple[int, int] | None = None  # (epoch, samples of this rank's shard already trained on)
-
-    def __iter__(self):
-        start = self.skip[1] if self.skip and self.skip[0] == self.epoch else 0
-        self.skip = None
-        return iter(list(super().__iter__())[start:])
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader whose place in the epoch goes into checkpoints, so a run stopped mid-epoch (SIGTERM,
-    Ctrl-C) resumes with the next batch, not with a fresh pass. Lightning saves and restores the state of
-    any loader that has `state_dict`/`load_state_dict`.
-
-    The place is Lightning's count of completed batches (`trained_batches`, set by the data module):
-    the loader's own count of batches handed out runs ahead of it, since Lightning fetches one batch early.
-    Under DDP the ranks step in lockstep, so the count rank 0 saves is every rank's place in its own shard
-    (resuming mid-epoch needs the same number of ranks; at an epoch's end any number will do). The
-    sampler's seed goes in too: a run resumed without the same `--seed_everything` keeps its epoch orders.
-    """
-
-    trained_batches = staticmethod(lambda: 0)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "samples": self.trained_batches() * self.batch_size,
-                "seed": self.sampler.seed}  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.skip = (state["epoch"], state["samples"])
-        self.sampler.seed = state.get("seed", self.sampler.seed)
-
-
-def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """collate_fn for TensorBatches: the batch is already stacked."""
-    return batch
 
 
 def count(size: int | float, total: int, name: str) -> int:
@@ -119,8 +54,7 @@ class CIFAR10DataModule(LightningDataModule):
         val_size: Validation images held out of the training set: a count, or a fraction in [0, 1).
         test_size: Test images held out of the training set instead of using the data's test split
             (for data without one, like a train-only image folder): a count, a fraction, or null.
-            With a checkpoint (validate, test, resumed fit), `seed`, `val_size` and `test_size` are the
-            checkpoint's, for the data it trained on, unless set on the command line (cifar/run.py).
+            With a checkpoint, `seed`, `val_size` and `test_size` are the checkpoint's, like all its config.
         num_workers: DataLoader worker processes; 0 is right for in-memory tensors.
         seed: Seed of the train/val/test split: the same seed gives the same split in every process.
         download: Download the official release into `data_dir` when no data is there.
@@ -140,8 +74,7 @@ class CIFAR10DataModule(LightningDataModule):
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
         allow_overlap: Evaluate a checkpoint even on images it trained on (a split other than its own);
-            the results are then marked "overlaps training data". Without it, that is an error. Read by the
-            run record before anything runs (cifar/run.py).
+            the results are then marked "overlaps training data". Without it, that is an error (cifar/run.py).
     """
 
     def __init__(
@@ -175,7 +108,9 @@ class CIFAR10DataModule(LightningDataModule):
         self.download, self.skip_bad_images, self.data_on_device = download, skip_bad_images, data_on_device
         self.predict_dir = Path(predict_dir) if predict_dir else None
         self.augment = BatchAugment(flip, translate, brightness, contrast, cutout)
+        self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
+        self.predict_dataset: TensorBatches | None = None
         self.sources: dict[str, dict] = {}  # "train"/"test": datasets.source() of each split read
         self.split: dict | None = None  # the split options and the counts they gave, once the training pool is read
         self.held_out: Tensor | None = None  # indices into the training pool never trained on (val + test)
@@ -208,12 +143,15 @@ class CIFAR10DataModule(LightningDataModule):
             datasets.download_official(self.data_dir)
 
     def setup(self, stage: str) -> None:
+        """Read what `stage` needs, once (the CLI sets the data up before the trainer does), and move it to the
+        device the trainer runs on."""
         if stage == "predict":
-            self.predict_dataset = self._read_predict_dir()
+            self.predict_dataset = self.predict_dataset or self._read_predict_dir()
             return
         if stage == "test" and self.test_size is None:  # the data's own test split: no need to read train
-            self.test_dataset = TensorBatches(*self._read(train=False))
-            rank_zero_info(f"Data: {self.describe()}: {len(self.test_dataset)} test images")
+            if "test" not in self.sources:
+                self.test_dataset = TensorBatches(*self._read(train=False))
+                rank_zero_info(f"Data: {self.describe()}: {len(self.test_dataset)} test images")
         elif self.split is None:
             self._split()
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
@@ -230,17 +168,19 @@ class CIFAR10DataModule(LightningDataModule):
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
         """A split's images and labels; its source (with fingerprint) goes to `self.sources`."""
         split = "train" if train else "test"
+        files = None
         if self.format == "official":
             images, labels, _ = datasets.read_official(self.data_dir, train)
-            self.sources[split] = datasets.source(self.data_dir, split, images=len(images))
-            return images, labels
-        split_dir = self.data_dir / split
-        if not split_dir.is_dir():
-            raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ "
-                            f"folders there, or hold out part of the training images with --data.test_size 5000")
-        files, labels = datasets.list_folder(split_dir, self.classes, strict=not self.skip_bad_images)
-        self.sources[split] = datasets.source(self.data_dir, split, files=files)
-        return datasets.read_folder(split_dir, files, labels, self.skip_bad_images)
+        elif not (split_dir := self.data_dir / split).is_dir():
+            raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ folders "
+                            f"there, hold out part of the training images with --data.test_size 5000, or evaluate "
+                            f"on the validation images with `validate`")  # fmt: skip
+        else:
+            files, labels = datasets.list_folder(split_dir, self.classes, strict=not self.skip_bad_images)
+            images, labels = datasets.read_folder(split_dir, files, labels, self.skip_bad_images)
+        # The count of images read, not of files listed: the split is drawn over what was read.
+        self.sources[split] = datasets.source(self.data_dir, split, files=files, images=len(images))
+        return images, labels
 
     def _split(self) -> None:
         images, labels = self._read(train=True)
@@ -262,14 +202,11 @@ class CIFAR10DataModule(LightningDataModule):
             raise UserError("predict needs your images: pass --data.predict_dir DIR (a folder of PNG/JPEG files)")
         if not self.predict_dir.is_dir():
             raise UserError(f"--data.predict_dir {self.predict_dir} is not a folder")
-        self.predict_files = datasets.image_files(self.predict_dir, strict=False)
-        if not self.predict_files:
+        files = datasets.image_files(self.predict_dir, strict=False)
+        if not files:
             raise UserError(f"no PNG or JPEG images in {self.predict_dir}")
-        images, skipped = datasets.read_images(self.predict_files, skip_bad=self.skip_bad_images)
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image(s) in {self.predict_dir}, e.g. {skipped[0]}")
-            bad = set(skipped)
-            self.predict_files = [p for p in self.predict_files if p not in bad]
+        images, kept = datasets.read_images(files, skip_bad=self.skip_bad_images)
+        self.predict_files = [files[i] for i in kept]
         return TensorBatches(images, torch.arange(len(images)))
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:

@@ -77,40 +77,30 @@ def verify_official(data_dir: Path, train: bool) -> None:
                             f"modified); delete {path.parent} and download again (--data.download true)")  # fmt: skip
 
 
-def source(data_dir: Path, split: str, files: list[Path] | None = None, images: int | None = None) -> dict | None:
-    """Where a split's images come from, as a checkpoint records it (plain types): format, split, path, number of
-    images read (`images`; None when not read) and a fingerprint, or None when `data_dir` holds no such split.
+def source(data_dir: Path, split: str, images: int, files: list[Path] | None = None) -> dict:
+    """Where a split's images come from, as a checkpoint records it (plain types): format, split, path, the number of
+    images read and a fingerprint.
 
-    The fingerprint is cheap and independent of where the data lives: for image folders, a SHA-256 of the
-    sorted image file paths relative to the split's folder, with their sizes (`files`: that listing, when
-    already made); for the official release, of the official MD5s of the split's batches (read only after
-    checking them). Two copies of the same data have the same fingerprint; a folder with one file more or less
-    does not. The same files read alike give the same images in the same order (unreadable ones skipped).
+    The fingerprint is cheap and independent of where the data lives: for image folders (`files`: the split's
+    listing) a SHA-256 of the file paths relative to the split's folder, with their sizes; for the official release,
+    of the official MD5s of the split's batches (checked before they were read). Two copies of the same data have the
+    same fingerprint; a folder with one file more or less does not.
     """
-    digest = hashlib.sha256()
-    if detect_format(data_dir) == "official":
-        path = data_dir / OFFICIAL_DIR
-        batches = CIFAR10.train_list if split == "train" else CIFAR10.test_list
-        for name, md5 in batches:
-            digest.update(f"{name}\t{md5}\n".encode())
+    official = files is None
+    path = data_dir / (OFFICIAL_DIR if official else split)
+    if official:
+        lines = [f"{name}\t{md5}\n" for name, md5 in (CIFAR10.train_list if split == "train" else CIFAR10.test_list)]
     else:
-        path = data_dir / split
-        if not path.is_dir():
-            return None
-        if files is None:
-            files = [f for name in folder_classes(path) for f in image_files(path / name, strict=False, quiet=True)]
-        for file in files:
-            digest.update(f"{file.relative_to(path).as_posix()}\t{os.stat(file).st_size}\n".encode())
-        images = len(files) if images is None else images
-    return {"format": detect_format(data_dir), "split": split, "path": str(path.resolve()), "images": images,
-            "fingerprint": digest.hexdigest()[:16]}  # fmt: skip
+        lines = [f"{file.relative_to(path).as_posix()}\t{os.stat(file).st_size}\n" for file in files]
+    digest = hashlib.sha256("".join(lines).encode())
+    return {"format": "official" if official else "folder", "split": split, "path": str(path.resolve()),
+            "images": images, "fingerprint": digest.hexdigest()[:16]}  # fmt: skip
 
 
 def describe_source(source: dict) -> str:
     """'image folders in /data/train (50000 images, fingerprint 51a0c7f568ef28c5)'."""
     kind = f"official CIFAR-10 {source['split']} batches" if source["format"] == "official" else "image folders"
-    count = f"{source['images']} images, " if source.get("images") is not None else ""
-    return f"{kind} in {source['path']} ({count}fingerprint {source['fingerprint']})"
+    return f"{kind} in {source['path']} ({source['images']} images, fingerprint {source['fingerprint']})"
 
 
 def read_official(data_dir: Path, train: bool) -> tuple[Tensor, Tensor, list[str]]:
@@ -156,53 +146,43 @@ def list_folder(split_dir: Path, classes: list[str], strict: bool = True) -> tup
 
 
 def read_folder(split_dir: Path, paths: list[Path], labels: list[int], skip_bad: bool = False) -> tuple[Tensor, Tensor]:
-    """(images, labels) of the listed files of an image-folder split (`list_folder`).
-
-    A file that is not a readable PNG/JPEG image is an error naming it, or, with `skip_bad`, skipped and counted.
-    """
-    images, skipped = read_images(paths, skip_bad)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s) in {split_dir}, e.g. {skipped[0]}")
-        bad = set(skipped)
-        labels = [label for path, label in zip(paths, labels) if path not in bad]
-    if not labels:
+    """(images, labels) of the listed files of an image-folder split (`list_folder`); see `read_images`."""
+    images, kept = read_images(paths, skip_bad)
+    if not kept:
         raise UserError(f"no readable images in the class folders of {split_dir}")
-    return images, torch.tensor(labels, dtype=torch.long)
+    return images, torch.tensor(labels, dtype=torch.long)[kept]
 
 
-def image_files(folder: Path, strict: bool, quiet: bool = False) -> list[Path]:
-    """Sorted image files of a folder (recursively); hidden files are ignored.
-
-    Other files are an error when `strict` and skipped with a note (unless `quiet`) otherwise.
-    """
+def image_files(folder: Path, strict: bool) -> list[Path]:
+    """Sorted image files of a folder (recursively); hidden files are ignored, others are an error when `strict`
+    and skipped with a note otherwise."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others and strict:
         raise UserError(f"{others[0]} is not a PNG or JPEG image ({len(others)} such file(s) in {folder}); "
                         f"move non-image files out of the data folders, or pass --data.skip_bad_images true")  # fmt: skip
-    if others and not quiet:
+    if others:
         print(f"skipping {len(others)} non-image file(s) in {folder}, e.g. {others[0].name}")
     return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def read_images(paths: list[Path], skip_bad: bool = False) -> tuple[Tensor, list[Path]]:
-    """Decode image files to one uint8 tensor (N, 3, IMAGE_SIZE, IMAGE_SIZE), resizing where needed.
-
-    Returns the images and the files skipped as undecodable (only with `skip_bad`; otherwise they are an error).
-    """
+def read_images(paths: list[Path], skip_bad: bool = False) -> tuple[Tensor, list[int]]:
+    """Decode image files to one uint8 tensor (N, 3, IMAGE_SIZE, IMAGE_SIZE), resizing where needed, and the indices
+    into `paths` of the files read. A file that does not decode is an error naming it, or with `skip_bad` skipped
+    and counted."""
     images = torch.empty(len(paths), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    skipped, n = [], 0
-    for path in paths:
+    kept = []
+    for i, path in enumerate(paths):
         try:
-            images[n] = decode(read_file(str(path)))
+            images[len(kept)] = decode(read_file(str(path)))
+            kept.append(i)
         except RuntimeError as error:
-            if skip_bad:
-                skipped.append(path)
-                continue
-            raise UserError(f"cannot decode {path} as an image ({str(error).splitlines()[0]}); "
-                            f"replace or remove it, or pass --data.skip_bad_images true") from error  # fmt: skip
-        n += 1
-    return images[:n], skipped
+            if not skip_bad:
+                raise UserError(f"cannot decode {path} as an image ({str(error).splitlines()[0]}); "
+                                f"replace or remove it, or pass --data.skip_bad_images true") from error  # fmt: skip
+    if skipped := sorted(set(range(len(paths))) - set(kept)):
+        print(f"skipped {len(skipped)} unreadable image(s) in {paths[skipped[0]].parent}, e.g. {paths[skipped[0]]}")
+    return images[: len(kept)], kept
 
 
 def decode(data: Tensor) -> Tensor:

@@ -242,6 +242,12 @@ class LitModel(LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("net.")]:
             state[f"classifier.{key}"] = state.pop(key)
+        mine = self.state_dict()  # before Lightning loads it strictly, which fails in a page of traceback
+        differ = [k for k in mine if k in state and mine[k].shape != state[k].shape] or sorted(set(mine) ^ set(state))
+        if differ:
+            shapes = " vs ".join(str(tuple(s[differ[0]].shape)) if differ[0] in s else "none" for s in (state, mine))
+            raise UserError(f"the checkpoint's network differs from the one this command builds ({differ[0]}: {shapes}):"
+                            f" the data has another number of classes, or --config or --model.net name another network")
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # A learning rate that reaches 0, not `requires_grad_(False)`: DDP needs the same parameters to get

@@ -230,24 +230,30 @@ def test_predict_dir_with_a_broken_image_fails_or_skips_it_keeping_files_and_ima
 
 
 def test_a_data_source_fingerprint_follows_the_files_not_their_place(folder_data, official_data, tmp_path):
-    """The fingerprint a checkpoint records: the same for a copy elsewhere, another for one file more or changed."""
-    from cifar.datasets import source
+    """The source a checkpoint records, as the data module reads it: the same fingerprint for a copy elsewhere, another
+    for one file more or changed; the count is of the images read."""
 
-    here = source(folder_data, "train")
+    def source(data_dir: Path, stage: str = "fit", **options) -> dict:
+        dm = CIFAR10DataModule(str(data_dir), val_size=0, **options)
+        dm.setup(stage)
+        return dm.sources["test" if stage == "test" else "train"]
+
+    here = source(folder_data)
     assert here["format"] == "folder" and here["images"] == 48 and here["path"] == str((folder_data / "train").resolve())
     copy = tmp_path / "copy"
     shutil.copytree(folder_data, copy)
-    assert source(copy, "train")["fingerprint"] == here["fingerprint"] != source(copy, "test")["fingerprint"]
+    assert source(copy)["fingerprint"] == here["fingerprint"] != source(copy, "test")["fingerprint"]
     Image.new("RGB", (32, 32)).save(copy / "train" / "cat" / "extra.png")
-    assert source(copy, "train")["fingerprint"] != here["fingerprint"]
-    (copy / "train" / "cat" / "extra.png").write_bytes(b"x" * 10)  # same name, other size
-    assert source(copy, "train")["fingerprint"] != here["fingerprint"]
-    assert source(folder_data / "nothing", "train") is None
+    assert source(copy)["fingerprint"] != here["fingerprint"]
+    (copy / "train" / "cat" / "extra.png").write_bytes(b"x" * 10)  # same name, other size: and not an image
+    assert source(copy, skip_bad_images=True)["fingerprint"] != here["fingerprint"]
+    assert source(copy, skip_bad_images=True)["images"] == 48  # 49 files listed, 48 read: the split is drawn over 48
 
     data_dir, _ = official_data  # the official batches: their (here patched) MD5s, whatever the folder
-    train, test = source(data_dir, "train"), source(data_dir, "test")
+    train, test = source(data_dir), source(data_dir, "test")
     assert train["format"] == "official" and train["fingerprint"] != test["fingerprint"]
+    assert (train["images"], test["images"]) == (60, 12)
     dm = CIFAR10DataModule(str(data_dir), val_size=6, test_size=6)
     dm.setup("fit")
-    assert dm.sources["train"] == {**train, "images": 60}  # what fit's checkpoints record
+    assert dm.sources["train"] == train  # what fit's checkpoints record
     assert len(dm.held_out) == 12 and set(dm.held_out.tolist()) == set(torch.cat([dm.val_index, dm.test_index]).tolist())

@@ -1,19 +1,21 @@
 """Honest evaluation through the real CLI: a checkpoint is scored on the images it held out, never silently on
-images it trained on (cifar/run.py, rule 7)."""
+images it trained on (README, "Runs")."""
 
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import wandb
-from conftest import CONFIG, FAST, make_folder_data, run_cli
+from conftest import CONFIG, FAST, OFFICIAL_CLASSES, class_images, make_folder_data, run_cli
+from PIL import Image
 
 import wandb_records
 from cifar.cli import main
-from cifar.data import CIFAR10DataModule
+from cifar.data import CIFAR10DataModule, split_indices
 from cifar.module import LitModel
 
 
@@ -52,7 +54,8 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     # The default, in a new process, with no split option repeated: the 6 images fit held out.
     test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path)
     output = test.stdout + test.stderr
-    assert "Split: the checkpoint's (seed 0, val_size 12, test_size 6)" in output
+    assert re.search(r"Config: checkpoint \S+/checkpoints/epoch=0-\S+'s, then --config files and the command line",
+                     output)  # its split (seed 0, val_size 12, test_size 6) with the rest  # fmt: skip
     assert re.search(r"Evaluating 6 test images held out of image folders in \S+ \(48 images, fingerprint "
                      r"[0-9a-f]{16}\) by split seed 0, val_size 12, test_size 6: none of them trained", output), output
     assert re.search(r"test_acc\s*│\s*[0-9.]+", test.stdout)
@@ -119,5 +122,66 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     torch.save(old, tmp_path / "old.ckpt")
     caplog.clear()
     main(["test", *common, "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.test_size", "null"])
-    assert said(caplog).count("carries no record of its training data") == 1 and "Split:" not in said(caplog)
+    assert said(caplog).count("carries no record of its training data") == 1
     assert re.search(r"test_acc\s*│\s*[0-9.]+", capsys.readouterr().out)
+
+
+def quiet(data_dir: Path) -> list[str]:
+    """The tutorial config on `data_dir`, one epoch of batch 8, no logger: the run layer without W&B's start-up."""
+    return ["--config", CONFIG, "--data.data_dir", str(data_dir), *FAST, "--trainer.max_epochs", "1",
+            "--trainer.logger", "false"]  # fmt: skip
+
+
+def test_official_data_evaluates_a_checkpoint_with_no_record_or_trained_on_other_data(official_data, tmp_path,
+                                                                                      monkeypatch, caplog):  # fmt: skip
+    """The official release's images are counted once read: a checkpoint with no training record validates on a
+    fraction of it, and one trained on image folders tests on images held out of it (both used to end in a
+    TypeError)."""
+    data_dir, _ = official_data  # 60 training images, 12 test images, the 4 OFFICIAL_CLASSES
+    folders = tmp_path / "folders"  # image folders with the same classes: the network fits both
+    for label, name in enumerate(OFFICIAL_CLASSES):
+        (folders / "train" / name).mkdir(parents=True)
+        for i, pixels in enumerate(class_images(label, 6, np.random.default_rng(label))):
+            Image.fromarray(pixels).save(folders / "train" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
+    main(["fit", *quiet(folders), "--data.val_size", "4"])
+    trained = only(Path("runs/cifar").glob("*-fit-*/checkpoints/last.ckpt"))
+    checkpoint = torch.load(trained, weights_only=True)
+    torch.save({k: v for k, v in checkpoint.items() if k != "run"}, "python.ckpt")  # as saved from Python
+
+    main(["validate", *quiet(data_dir), "--ckpt_path", "python.ckpt", "--data.val_size", "0.2"])
+    validated = json.loads(only(Path("runs/cifar").glob("*-validate-*/run.json")).read_text())["evaluated"]
+    assert validated["images"] == 12 and validated["overlap"] is None  # 0.2 of 60
+    assert "official CIFAR-10 train batches" in validated["data"] and "carries no record" in said(caplog)
+
+    main(["test", *quiet(data_dir), "--ckpt_path", str(trained), "--data.test_size", "10"])
+    tested = json.loads(only(Path("runs/cifar").glob("*-test-*/run.json")).read_text())["evaluated"]
+    assert tested["images"] == 10 and tested["overlap"] == 0 and "other data than checkpoint" in said(caplog)
+
+
+def test_with_unreadable_images_skipped_the_images_checked_are_the_images_evaluated(tmp_path, monkeypatch, caplog,
+                                                                                    capsys):  # fmt: skip
+    """The split is drawn over the images read (47 of 48 files here), in fit, in the record and in the check."""
+    data = make_folder_data(tmp_path / "data", per_class=16)
+    shutil.rmtree(data / "test")
+    (data / "train" / "cat" / "0003.png").write_bytes(b"not a png")
+    common = [*quiet(data), "--data.skip_bad_images", "true", "--data.val_size", "12", "--data.test_size", "6"]
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
+    main(["fit", *common])
+    (entry,) = torch.load(only(Path("runs/cifar").glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)["run"][
+        "trained_on"
+    ]
+    assert entry["source"]["images"] == 47 and entry["split"]["train"] == 29 and len(entry["held_out"]) == 18
+
+    main(["test", *quiet(data), "--data.skip_bad_images", "true", "--ckpt_path", "last"])  # the checkpoint's split
+    assert re.search(r"Evaluating 6 test images held out of image folders in \S+ \(47 images, .*none of them trained",
+                     said(caplog)), said(caplog)  # fmt: skip
+
+    # Another seed: the overlap said is the one of the 6 images this split evaluates, among the 47 read.
+    trained = torch.ones(47, dtype=torch.bool)
+    trained[entry["held_out"].long()] = False
+    expected = int(trained[split_indices(47, 1, 12, 6)[2]].sum())
+    assert main_exit_code(["test", *common[:-6], "--ckpt_path", "last", "--data.seed", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {expected} of the 6 test images")
