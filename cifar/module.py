@@ -1,5 +1,4 @@
-"""`Classifier`, the model every command runs (uint8 images -> normalization -> net -> test-time augmentation
--> logits), and `LitModel`, which trains it: cross-entropy, metrics per stage, the optimizer and its schedule."""
+"""The model every command runs (`Classifier`) and what trains it (`LitModel`: loss, metrics, optimizer, schedule)."""
 
 import math
 import warnings
