@@ -1,9 +1,6 @@
-"""Training-time augmentation of whole batches on the device: flips, shifts, brightness and contrast jitter, cutout.
-
-One `BatchAugment` module per data module; it sees uint8 batches (N, 3, H, W) where they already are
-(on the GPU when training there), draws one random choice per image from the batch's own generator
-(`batch_generator`) and never loops over images in Python.
-"""
+"""Training-time augmentation of whole uint8 batches (N, 3, H, W) where they are (on the GPU when training there):
+flips, shifts, brightness and contrast jitter, cutout; one draw per image from the batch's own generator, no loop
+over images in Python."""
 
 import hashlib
 from typing import Literal
@@ -21,17 +18,16 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 
 def batch_generator(device: torch.device, seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
-    """The random generator of one training batch, on `device`, seeded by (run seed, DDP rank, epoch, batch in
-    the epoch) alone: a resumed run draws the same augmentation for the same batch whatever ran before, whatever
-    random state it saved, and each rank draws its own (one shared stream would give every rank's batch at a
-    position the same flips and shifts). Seeding a generator is a host-side call: no device sync."""
+    """The random generator of one training batch, on `device`, seeded by (run seed, DDP rank, epoch, batch in the
+    epoch) alone: a resumed run draws the same augmentation for the same batch whatever ran before, and each rank
+    draws its own (a shared stream would give every rank the same flips and shifts). Seeding: no device sync."""
     key = hashlib.blake2b(f"{seed},{rank},{epoch},{batch}".encode(), digest_size=8).digest()
     return torch.Generator(device).manual_seed(int.from_bytes(key, "little") >> 1)  # seeds are < 2**63
 
 
 def translate(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
-    """Each image shifted by its own random (dy, dx) in [-max_shift, max_shift]^2 pixels, the border filled
-    by reflection: one gather for the whole batch, any dtype (uint8 here), on the images' device."""
+    """Each image shifted by its own random (dy, dx) in [-max_shift, max_shift]^2 pixels, the border reflected:
+    one gather for the whole batch, any dtype."""
     n, _, h, w = images.shape
     dy, dx = torch.randint(-max_shift, max_shift + 1, (2, n, 1), device=images.device, generator=generator)
     rows = reflect(torch.arange(h, device=images.device) + dy, h)  # (n, h)
@@ -53,8 +49,7 @@ def jitter(images: Tensor, mean: Tensor, std: Tensor, brightness: float, contras
 
 def cutout(images: Tensor, size: int, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Each image with one random size x size square (wholly inside it) set to `fill` (per channel, in pixels: the
-    training pixels' mean, which is 0 once normalized, as airbench96's cutout of normalized images). One mask for
-    the whole batch, no loop over images."""
+    training pixels' mean, which is 0 once normalized, as airbench96's cutout of normalized images)."""
     n, _, h, w = images.shape
     top = torch.randint(0, h - size + 1, (n, 1), device=images.device, generator=generator)
     left = torch.randint(0, w - size + 1, (n, 1), device=images.device, generator=generator)
@@ -66,8 +61,8 @@ def cutout(images: Tensor, size: int, fill: Tensor, generator: torch.Generator |
 
 
 def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in pixel units, in float64
-    chunks (no float copy of the whole set)."""
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W) in pixels, summed in float64 chunks
+    (no float copy of the whole set)."""
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
     for part in images.split(chunk):
@@ -80,25 +75,17 @@ def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tenso
 
 
 class BatchAugment(nn.Module):
-    """flip, then translate, then brightness/contrast jitter, then cutout, each off at its default.
-
-    Args:
-        flip: `random` flips each image with probability 1/2; `alternating` (airbench) flips a random half of
-            the training set once (`prepare`) and then every image in every odd epoch, so each image is seen
-            both ways in two epochs; `none`.
-        translate: Largest shift in pixels, in x and y (reflected border); 0: off.
-        brightness: Largest shift of an image's pixels, in standard deviations of the training pixels.
-        contrast: Largest relative change of an image's deviation from the training pixels' mean.
-        cutout: Side in pixels of the square set to the training pixels' mean in each image; 0: off.
-    """
+    """flip, then translate, then brightness/contrast jitter, then cutout, each off at its default; the arguments are
+    the data module's (`--data.*`). `random` flips each image with probability 1/2; `alternating` (airbench) flips a
+    random half of the training set once (`prepare`), then every image in every odd epoch: each is seen both ways
+    in two epochs."""
 
     def __init__(self, flip: Literal["none", "random", "alternating"] = "none", translate: int = 0,
                  brightness: float = 0.0, contrast: float = 0.0, cutout: int = 0):  # fmt: skip
         super().__init__()
         self.flip, self.translate, self.brightness, self.contrast = flip, translate, brightness, contrast
         self.cutout = cutout
-        # The jitter's units and cutout's fill, per channel, in pixels: set by `prepare`; buffers, so they follow
-        # the batches' device.
+        # The jitter's units and cutout's fill, per channel, in pixels (`prepare`): buffers follow the batches' device.
         self.register_buffer("pixel_mean", torch.zeros(3), persistent=False)
         self.register_buffer("pixel_std", torch.ones(3), persistent=False)
 
@@ -106,8 +93,10 @@ class BatchAugment(nn.Module):
         """Once per training set, in place: the jitter's and cutout's statistics, the mirrored half of `alternating`
         (drawn from `generator`, the split's, so every DDP rank and every resume mirrors the same half)."""
         if self.cutout > min(train_images.shape[-2:]):
-            raise UserError(f"--data.cutout {self.cutout} is larger than the {tuple(train_images.shape[-2:])} images: "
-                            f"pass a side of at most {min(train_images.shape[-2:])} pixels, or 0 for none")
+            raise UserError(
+                f"--data.cutout {self.cutout} is larger than the {tuple(train_images.shape[-2:])} images: "
+                f"pass a side of at most {min(train_images.shape[-2:])} pixels, or 0 for none"
+            )
         if self.brightness or self.contrast or self.cutout:
             self.pixel_mean, self.pixel_std = channel_statistics(train_images)
         if self.flip == "alternating":

@@ -1,7 +1,4 @@
-"""Checkpoints written whole or not at all, and read without running any code they may carry.
-
-Which checkpoint `--ckpt_path best|last` means is the run module's business (`cifar/run.py`).
-"""
+"""Checkpoints written whole or not at all, and read without running any code they may carry."""
 
 import os
 import tempfile
@@ -49,4 +46,3 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
     return checkpoint
-

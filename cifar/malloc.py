@@ -6,13 +6,12 @@ import sys
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel at once.
+    """Makes glibc's malloc keep freed memory for reuse; returns whether it did (not on other C libraries, nor over
+    the user's own GLIBC_TUNABLES / MALLOC_* settings).
 
-    By default it maps every block over 32 MB fresh and unmaps it on free; at batch 2000 an activation is
-    ~260 MB, so each CPU training step faulted in and zeroed gigabytes of new pages: `configs/fast.yaml`
-    spent 18% of its CPU time in the kernel. Kept, they are reused: steps 3.8 s instead of 4.9-5.7 s on
-    2 CPU cores (bench/RESULTS.md), for a peak RSS 10-20% higher. Not on other C libraries, nor over the user's own
-    GLIBC_TUNABLES / MALLOC_* settings. Returns whether it was applied.
+    By default it maps every block over 32 MB fresh and unmaps it on free; at batch 2000 an activation is ~260 MB,
+    so each CPU training step faulted in and zeroed gigabytes of new pages (`configs/fast.yaml`: 18% of its CPU time
+    in the kernel). Kept: steps 3.8 s instead of 4.9-5.7 s on 2 cores (bench/RESULTS.md), peak RSS 10-20% higher.
     """
     if sys.platform != "linux" or any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ):
         return False

@@ -1,10 +1,4 @@
-"""The LightningModule: the classification *system* around a plain network.
-
-`Classifier` is the model as every command runs it: uint8 images -> normalization -> the network (any
-`nn.Module` from the config, `model.net`) -> test-time augmentation -> logits. `LitModel` adds what
-training needs: cross-entropy, torchmetrics per stage, the optimizer and its schedule. `predict`,
-`export` and `serve` run the same `Classifier`.
-"""
+"""The model every command runs (`Classifier`) and what trains it (`LitModel`: loss, metrics, optimizer, schedule)."""
 
 import math
 import warnings
@@ -27,11 +21,8 @@ STAGES = ("train", "val", "test")
 
 
 def tta_logits(net: nn.Module, x: Tensor, tta: int) -> Tensor:
-    """The mean logits of `net` over test-time views of the normalized images x (N, C, H, W).
-
-    tta 0: x alone; 1: x and its mirror; 2: also the mirrored pair shifted one pixel up-left and one
-    down-right (6 passes, airbench's level 2, the shifted pairs weighted 1/2 together).
-    """
+    """The mean logits of `net` over views of the normalized images x (N, C, H, W). tta 0: x; 1: x and its mirror;
+    2: also both shifted a pixel up-left and down-right (6 passes, the shifts weighted 1/2: airbench's level 2)."""
     if tta == 0:
         return net(x)
 
@@ -50,14 +41,7 @@ def tta_logits(net: nn.Module, x: Tensor, tta: int) -> Tensor:
 
 class Classifier(nn.Module):
     """uint8 images (N, 3, H, W) -> logits (N, classes): normalize, the network, test-time augmentation.
-
-    Args:
-        net: The network: normalized float images -> logits.
-        mean: Per-channel mean subtracted from pixels scaled to [0, 1].
-        std: Per-channel standard deviation the pixels are divided by.
-        tta: Test-time augmentation of `forward`: 0 none, 1 the mirror too, 2 also shifted copies (`tta_logits`).
-        channels_last: Run the network in channels_last memory format.
-    """
+    The arguments are `LitModel`'s of the same names."""
 
     def __init__(self, net: nn.Module, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), tta: int = 0,
                  channels_last: bool = False):  # fmt: skip
@@ -75,10 +59,8 @@ class Classifier(nn.Module):
         return (images.float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
 
     def forward(self, images: Tensor, tta: int | None = None, fraction: float = 1.0) -> Tensor:
-        """Logits with `tta` (default: this model's) views for the `fraction` of the images the plain pass is
-        least sure of (lowest top softmax probability; at least one image), the plain logits for the rest
-        (hiverge's cifar10-speedrun evaluates its least confident 25% this way, in about half the time).
-        fraction 1, what predict, export and serve use: every image gets every view."""
+        """Logits with `tta` (default: this model's) views for the `fraction` of the images the plain pass is least
+        sure of (lowest top softmax probability; at least one image), the plain logits for the rest."""
         x = self.normalize(images)
         tta = self.tta if tta is None else tta
         if tta == 0 or fraction >= 1:
@@ -90,35 +72,27 @@ class Classifier(nn.Module):
 
 
 class LitModel(LightningModule):
-    """Image classifier: takes uint8 image batches (N, 3, H, W) and returns logits.
+    """Trains a `Classifier`: uint8 image batches (N, 3, H, W) -> logits.
 
     Args:
         net: The network, chosen by `class_path`; its `num_classes` is linked from the data.
         num_classes: Number of classes, for the metrics (linked from `data.num_classes`).
         optimizer: Optimizer, called with the parameters (default: the tutorial's Adam, lr 2e-4).
-        scheduler: Learning-rate schedule, called with the optimizer and stepped after every optimizer step
-            (e.g. `cifar.optim.PiecewiseLinearLR`, whose `total_steps` is set to the fit's); null: constant.
-        label_smoothing: Cross-entropy label smoothing of the training loss (validation and test report plain
-            cross-entropy).
-        tta: Test-time augmentation in validate, test and predict: 0 none, 1 averages the logits of each image
-            and its mirror, 2 also those of copies shifted by one pixel (6 passes; airbench's level 2).
-        tta_fraction: In validate and test, the share of each batch's images that get `tta`: those the plain
-            pass is least confident of; the rest keep its logits (hiverge's record: 0.25, for speed). Predict,
-            serve and export always give every image the full `tta`, so an image's answer never depends on the
-            others in its batch.
+        scheduler: Learning-rate schedule, stepped per optimizer step (`cifar.optim.PiecewiseLinearLR`); null: constant.
+        label_smoothing: Label smoothing of the training loss (validation and test report plain cross-entropy).
+        tta: Test-time augmentation, averaging logits: 0 none, 1 the image and its mirror, 2 also both shifted by one
+            pixel (6 passes; airbench's level 2).
+        tta_fraction: In validate and test, the share of each batch's least confident images that get `tta` (hiverge's
+            record: 0.25, in about half the time); predict, serve and export: all, so no answer depends on the batch.
         mean: Per-channel mean subtracted from pixels scaled to [0, 1] (tutorial: 0.5).
         std: Per-channel standard deviation the pixels are divided by (tutorial: 0.5).
         channels_last: Run the network in channels_last memory format (faster convolutions on most CPUs and GPUs).
         compile: Compile the network with `torch.compile` (slower start, faster steps where it helps).
-        classes: Class names, index = label (linked from `data.classes`): saved in checkpoints, so that
-            `export` and servers can name the model's outputs without the data.
-        freeze_after: Parameters that train for the first epochs only: name in this module (e.g.
-            `net.whiten.bias`) -> epochs (a fraction counts in batches). Each gets its own optimizer group, whose
-            learning rate goes to 0 after those epochs, as `freeze_schedule` says; null: none.
-        freeze_schedule: How `freeze_after` groups reach learning rate 0: `step` trains them at the optimizer's
-            and scheduler's rate for their epochs, then at 0; `linear` takes their rate linearly from the
-            optimizer's initial one to 0 over their epochs, whatever the scheduler does (airbench94_muon's
-            whitening bias).
+        classes: Class names, index = label (linked from `data.classes`), kept in checkpoints to name served outputs.
+        freeze_after: Parameters that train for the first epochs only: name in this module (e.g. `net.whiten.bias`)
+            -> epochs (a fraction counts in batches), each in its own optimizer group; null: none.
+        freeze_schedule: `step`: the scheduled rate for those epochs, then 0; `linear`: from the optimizer's initial
+            rate linearly to 0 over them, whatever the scheduler does (airbench94_muon's whitening bias).
     """
 
     def __init__(
@@ -139,9 +113,8 @@ class LitModel(LightningModule):
         freeze_schedule: Literal["step", "linear"] = "step",
     ):
         super().__init__()
-        # Under LightningCLI, `net`, `optimizer` and `scheduler` arrive as objects but are saved as their
-        # class_path/init_args, so checkpoints hold no pickled objects and `load_from_checkpoint` can rebuild the
-        # net. Built in Python, they would be saved as the objects themselves, which `torch.load(weights_only=True)`
+        # LightningCLI saves `net`, `optimizer` and `scheduler` as class_path/init_args, so `load_from_checkpoint`
+        # can rebuild the net. Objects built in Python would be pickled, which `torch.load(weights_only=True)`
         # refuses: those are left out (`load_from_checkpoint(path, net=...)` passes them back).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module`")
@@ -161,12 +134,10 @@ class LitModel(LightningModule):
         self.freeze_after = {name: float(epochs) for name, epochs in (freeze_after or {}).items()}
         self.freeze_schedule = freeze_schedule
         names = [name for name, _ in self.classifier.named_parameters()]
-        for name in self.freeze_after:
-            if name not in names:
-                raise UserError(f"freeze_after: the model has no parameter {name!r} (it has e.g. {names[0]!r})")
-        # Per stage, a loss mean and a MetricCollection, updated on the device every step and logged once per
-        # epoch (`self.log` costs ~1 ms a call on the CPU, an update ~0.05 ms). Input checks are off: each reads
-        # a tensor on the host (`if nans.any()`, `torch.unique`), a GPU sync.
+        if unknown := [name for name in self.freeze_after if name not in names]:
+            raise UserError(f"freeze_after: the model has no parameter {unknown[0]!r} (it has e.g. {names[0]!r})")
+        # Updated on the device every step, logged once per epoch (`self.log`: ~1 ms a call on the CPU, an update
+        # ~0.05 ms). Input checks off: each reads a tensor on the host (`nans.any()`, `torch.unique`), a GPU sync.
         self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in STAGES})
         scores = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)})
         self.scores = nn.ModuleDict({f"{s}_scores": scores.clone(prefix=f"{s}_") for s in STAGES})
@@ -234,8 +205,7 @@ class LitModel(LightningModule):
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Class probabilities (N, num_classes) for a batch of (images, indices into the predict set)."""
-        images, _ = batch
-        return self.evaluate(images).softmax(dim=-1)
+        return self.evaluate(batch[0]).softmax(dim=-1)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Checkpoints from before `Classifier` name the network's weights `net.*`; they are now `classifier.net.*`.
@@ -250,21 +220,17 @@ class LitModel(LightningModule):
                             f" the data has another number of classes, or --config or --model.net name another network")
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        # A learning rate that reaches 0, not `requires_grad_(False)`: DDP needs the same parameters to get
-        # gradients every step (and lr 0 also stops momentum and weight decay from moving them). This runs before
-        # the batch's optimizer step, so it overrides whatever the scheduler set after the previous step.
+        # Learning rate 0, not `requires_grad_(False)`: DDP needs the same parameters to get gradients every step (and
+        # lr 0 also stops momentum and weight decay). Before the batch's optimizer step: it overrides the scheduler.
         progress = self.current_epoch + batch_idx / self.trainer.num_training_batches  # in epochs
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                if "freeze_after" not in group:
-                    continue
-                if self.freeze_schedule == "linear":
-                    group["lr"] = group["initial_lr"] * max(0.0, 1 - progress / group["freeze_after"])
-                elif progress >= group["freeze_after"]:  # step: the scheduler's rate until then
-                    group["lr"] = 0.0
+        for group in [g for o in self.trainer.optimizers for g in o.param_groups if "freeze_after" in g]:
+            if self.freeze_schedule == "linear":
+                group["lr"] = group["initial_lr"] * max(0.0, 1 - progress / group["freeze_after"])
+            elif progress >= group["freeze_after"]:  # step: the scheduler's rate until then
+                group["lr"] = 0.0
 
     def configure_optimizers(self):
-        named = {name: p for name, p in self.classifier.named_parameters() if p.requires_grad or name in self.freeze_after}
+        named = {n: p for n, p in self.classifier.named_parameters() if p.requires_grad or n in self.freeze_after}
         groups = [{"params": [p for name, p in named.items() if name not in self.freeze_after]}]
         groups += [{"params": [named[name]], "freeze_after": epochs} for name, epochs in self.freeze_after.items()]
         optimizer = self.optimizer(groups)  # torch optimizers and Muon keep the extra "freeze_after" key

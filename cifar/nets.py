@@ -1,9 +1,6 @@
-"""Networks: plain `nn.Module`s that map a normalized float batch (N, 3, H, W) to logits (N, classes).
-
-Pick one in the config with `model.net.class_path`; `num_classes` is linked from the data module.
-A net that needs data to initialize defines `init_from_data(images)`: LitModel calls it at the start
-of a new fit with up to 5,000 normalized training images (a resumed fit restores the weights instead).
-"""
+"""Networks (`model.net.class_path`): plain `nn.Module`s, normalized float images (N, 3, H, W) -> logits. A net
+that needs data to initialize defines `init_from_data(images)`: LitModel calls it at the start of a new fit with up
+to 5,000 normalized training images (a resumed fit restores the weights instead)."""
 
 from typing import Literal
 
@@ -43,15 +40,13 @@ class TutorialCNN(nn.Module):
 
 
 class TorchvisionNet(nn.Module):
-    """Any torchvision classification model by name, e.g. `resnet18`, `mobilenet_v3_small`, `vit_b_16`.
-
-    ImageNet models downsample 32x32 images heavily; they train, but well below nets made for CIFAR.
+    """Any torchvision classification model by name, e.g. `resnet18`, `mobilenet_v3_small`, `vit_b_16`. ImageNet
+    models downsample 32x32 images heavily; they train, but well below nets made for CIFAR.
 
     Args:
         name: A name from `torchvision.models.list_models(torchvision.models)`.
         num_classes: Number of output logits (linked from `data.num_classes`).
-        weights: Pretrained weights to start from, e.g. `DEFAULT` (downloaded once by torchvision;
-            needs a matching `num_classes`), or null for random initialization.
+        weights: Pretrained weights, e.g. `DEFAULT` (downloaded by torchvision; needs their `num_classes`); null: none.
     """
 
     def __init__(self, name: str = "resnet18", num_classes: int = 10, weights: str | None = None):
@@ -64,22 +59,14 @@ class TorchvisionNet(nn.Module):
         return self.model(x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
-
-
 class Residual(nn.Sequential):
-    """x + layers(x)."""
-
     def forward(self, x: Tensor) -> Tensor:
         return x + super().forward(x)
 
 
 class ConvGroup(nn.Sequential):
-    """conv 3x3 -> max pool 2 -> BN -> act -> conv 3x3 -> BN -> act (BN with a bias but no scale).
-
-    With `depth` 3 or more (airbench96), the convs after the first are wrapped in a skip connection, the last
-    activation after the sum: conv -> pool -> BN -> act -> x + (conv -> BN -> act -> ... -> conv -> BN)(x) -> act.
-    """
+    """conv 3x3 -> max pool 2 -> BN -> act -> conv 3x3 -> BN -> act (BN with a bias but no scale); from `depth` 3
+    on: conv -> pool -> BN -> act -> x + (conv -> BN -> act -> ... -> conv -> BN)(x) -> act."""
 
     def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float, activation: str = "gelu",
                  depth: int = 2):  # fmt: skip
@@ -91,7 +78,7 @@ class ConvGroup(nn.Sequential):
         def conv(channels: int) -> nn.Conv2d:
             return nn.Conv2d(channels, channels_out, 3, padding="same", bias=False)
 
-        act = ACTIVATIONS[activation]
+        act = {"gelu": nn.GELU, "silu": nn.SiLU}[activation]
         first = [conv(channels_in), nn.MaxPool2d(2), norm(), act()]
         if depth == 2:  # airbench94/95: a plain stack (and the layout of every checkpoint before `depth`)
             super().__init__(*first, conv(channels_out), norm(), act())
@@ -105,11 +92,10 @@ class ConvGroup(nn.Sequential):
 
 class AirbenchNet(nn.Module):
     """The airbench94 network (K. Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024), written from
-    its description: a frozen 2x2 patch-whitening conv, three conv groups of widths 64/256/256 with GELU
-    and weightless BatchNorm, a 3x3 max pool and a bias-free linear head; about 2M parameters and 0.28
-    GFLOPs per 32x32 image. No residual connections: Dirac-initialized convs give the same head start.
-    airbench95 widens it (128/384/384); airbench96 widens it more (128/384/512) and deepens each group to
-    3 convs, the last two under a skip connection (`depth: 3`).
+    its description: a frozen 2x2 patch-whitening conv, three conv groups (`ConvGroup`) of widths 64/256/256, a
+    global max pool and a bias-free linear head; about 2M parameters and 0.28 GFLOPs per 32x32 image. No residual
+    connections at depth 2: Dirac-initialized convs give the same head start. airbench95: widths 128/384/384;
+    airbench96: 128/384/512 and `depth: 3`.
 
     Args:
         num_classes: Number of output logits (linked from `data.num_classes`).
@@ -130,19 +116,15 @@ class AirbenchNet(nn.Module):
         k = whiten_kernel_size
         self.whiten = nn.Conv2d(3, 2 * 3 * k * k, k, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data's patch covariance, then fixed
-        self.layers = nn.Sequential(
-            nn.GELU(),
-            ConvGroup(self.whiten.out_channels, widths[0], batchnorm_momentum, activation, depth),
-            ConvGroup(widths[0], widths[1], batchnorm_momentum, activation, depth),
-            ConvGroup(widths[1], widths[2], batchnorm_momentum, activation, depth),
-        )
+        inputs = (self.whiten.out_channels, *widths[:2])
+        groups = [ConvGroup(c_in, c_out, batchnorm_momentum, activation, depth) for c_in, c_out in zip(inputs, widths)]
+        self.layers = nn.Sequential(nn.GELU(), *groups)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.head.weight.data /= self.head.weight.data.std()  # unit-variance logits before the 1/width below
 
     def forward(self, x: Tensor) -> Tensor:
-        # The global max over the last map (airbench: MaxPool2d(3) over its 3x3; this takes any image size), as
-        # `amax`, whose backward is elementwise: AdaptiveMaxPool2d has no deterministic CUDA backward, so
-        # `--trainer.deterministic true` would stop at the first backward on a GPU.
+        # The global max over the last map (airbench: MaxPool2d(3) over its 3x3; this takes any image size) as `amax`:
+        # AdaptiveMaxPool2d has no deterministic CUDA backward, so `--trainer.deterministic true` would stop on a GPU.
         x = self.layers(self.whiten(x)).amax((2, 3))
         return self.head(x) / x.size(-1)
 
@@ -152,8 +134,7 @@ class AirbenchNet(nn.Module):
         k x k patches, scaled by 1/sqrt(eigenvalue + eps), each once positive and once negated. (hiverge's record
         takes them from an SVD of that covariance: for a symmetric matrix the same vectors and values.)"""
         k = self.whiten.kernel_size[0]
-        x = images.float().cpu()
-        patches = x.unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
+        patches = images.float().cpu().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
         eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, k, k)
         self.whiten.weight.copy_(torch.cat((filters, -filters)).to(self.whiten.weight))

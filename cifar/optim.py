@@ -1,10 +1,4 @@
-"""Optimizer and learning-rate schedule of the fast recipe, usable with any net from the config.
-
-`Muon` is MomentUm Orthogonalized by Newton-Schulz (K. Jordan, 2024), as airbench94_muon applies it to
-CIFAR-10: convolution filters get orthogonalized momentum updates at a fixed weight norm; every other
-parameter (biases, the linear head) gets plain Nesterov SGD. One optimizer object holds both, so
-Lightning's automatic optimization, checkpoints and schedulers work unchanged.
-"""
+"""The fast recipe's optimizer (`Muon`) and learning-rate schedule (`PiecewiseLinearLR`), usable with any net."""
 
 import numpy as np
 import torch
@@ -15,14 +9,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def orthogonalize(g: Tensor, steps: int) -> Tensor:
-    """Approximately U @ V.T of g = U S V.T (all singular values pushed towards 1) by a quintic
-    Newton-Schulz iteration in bf16; the coefficients are Muon's, tuned for few steps, not exactness."""
+    """Approximately U @ V.T of g = U S V.T (all singular values pushed towards 1) by a quintic Newton-Schulz
+    iteration in bf16; the coefficients are Muon's, tuned for few steps, not exactness."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     for _ in range(steps):
         A = x @ x.T
         x = a * x + (b * A + c * A @ A) @ x
@@ -30,30 +23,29 @@ def orthogonalize(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(Optimizer):
-    """Muon for convolution filters (parameters with 4 dimensions), Nesterov SGD for all other parameters.
+    """MomentUm Orthogonalized by Newton-Schulz (K. Jordan, 2024) for convolution filters (4-dimensional
+    parameters), Nesterov SGD for the others, as airbench94_muon: one optimizer, so Lightning's automatic
+    optimization, checkpoints and schedulers work unchanged.
 
-    Each filter tensor is rescaled to norm sqrt(out_channels) before its update, so Muon's learning rate
-    is a rotation speed, independent of the loss scale. The SGD parameters use coupled weight decay, as
-    torch.optim.SGD does, scaled so the decay per step at full learning rate is `weight_decay`.
-
-    The defaults are airbench94_muon's at batch 2000. It sums the loss over the batch where LitModel
-    averages it, so its SGD learning rates (0.053 biases, 0.67 head) appear here multiplied by 2000, and
-    its decay of 2e-6 per image as 0.004 per step: scale all three with the batch size.
+    Each filter is rescaled to norm sqrt(out_channels) before its update, so Muon's learning rate is a rotation
+    speed, independent of the loss scale. The defaults are airbench94_muon's at batch 2000, which sums the loss
+    where LitModel averages it: its SGD learning rates (0.053 biases, 0.67 head) appear here times 2000 and its
+    decay of 2e-6 per image as 0.004 per step; scale all three with the batch size.
 
     Args:
         params: Parameters (or parameter groups) to optimize.
         lr: Learning rate of the filters (Muon).
-        momentum: Momentum of the filters' updates (Nesterov).
+        momentum: Nesterov momentum of the filters.
         bias_lr: SGD learning rate of 1-dimensional parameters (biases of the whitening and norm layers).
         head_lr: SGD learning rate of 2-dimensional parameters (linear layers).
         sgd_momentum: Nesterov momentum of the SGD parameters.
-        weight_decay: Fraction of each SGD parameter decayed per step at full learning rate.
+        weight_decay: Fraction of each SGD parameter decayed per step at full learning rate (coupled, as in SGD).
         ns_steps: Newton-Schulz iterations per update (3 is airbench's choice; 5 is closer to exact).
     """
 
     def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, bias_lr: float = 106.0, head_lr: float = 1340.0,
                  sgd_momentum: float = 0.85, weight_decay: float = 0.004, ns_steps: int = 3):  # fmt: skip
-        super().__init__(params, dict(lr=lr, momentum=momentum))
+        super().__init__(params, {"lr": lr, "momentum": momentum})
         groups, self.param_groups = self.param_groups, []
         for group in groups:  # split each group by kind; the scheduler scales every group's lr alike
             by_kind = {"muon": [], "bias": [], "head": []}
@@ -79,10 +71,9 @@ class Muon(Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"].mul_(momentum).add_(g)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+                buf = self.state[p]["momentum_buffer"].mul_(momentum).add_(g)
                 g = g.add(buf, alpha=momentum)  # Nesterov
                 if group["kind"] == "muon":
                     p.mul_(len(p) ** 0.5 / p.norm())
@@ -92,26 +83,21 @@ class Muon(Optimizer):
 
 
 class PiecewiseLinearLR(LambdaLR):
-    """Multiplies each group's learning rate by a piecewise-linear function of training progress, per step.
-
-    `points` are fractions of the run's optimizer steps (0 = first step, 1 = last) and `values` the
-    multipliers there; the defaults decay linearly from 1 to 0 (airbench94_muon). A warmup-then-decay
-    triangle is `points: [0, 0.23, 1]`, `values: [0.2, 1, 0.07]` (airbench94). Declare it with
-    `interval: step` semantics: LitModel steps it after every optimizer step.
-
-    A fit resumed with another length (`--trainer.max_epochs`) follows the new one: the schedule is
-    recomputed over the new total from the step reached, and says so in one line.
+    """Multiplies each group's learning rate by a piecewise-linear function of training progress, stepped after
+    every optimizer step. The defaults decay linearly from 1 to 0 (airbench94_muon); airbench94's warmup-then-decay
+    triangle is `points: [0, 0.23, 1]`, `values: [0.2, 1, 0.07]`. A fit resumed with another length
+    (`--trainer.max_epochs`) follows the new one from the step reached, and says so.
 
     Args:
         optimizer: The optimizer whose learning rates are scaled.
-        points: Progress points, increasing from 0 to 1.
+        points: Fractions of the optimizer steps, rising from 0 (the first step) to 1 (the last).
         values: Multiplier at each point.
         total_steps: Optimizer steps the schedule spans; null: the whole fit (LitModel sets it from the trainer).
     """
 
     def __init__(self, optimizer: Optimizer, points: list[float] = [0.0, 1.0], values: list[float] = [1.0, 0.0],
                  total_steps: int | None = None):  # fmt: skip
-        if len(points) != len(values) or len(points) < 2 or points[0] != 0 or points[-1] != 1 or sorted(points) != points:
+        if not (len(points) == len(values) >= 2 and points[0] == 0 and points[-1] == 1 and sorted(points) == points):
             raise ValueError(f"points must rise from 0 to 1, one value each (got points={points}, values={values})")
         self.points, self.values, self.total_steps = list(points), list(values), total_steps
         super().__init__(optimizer, self.multiplier)

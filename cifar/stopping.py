@@ -1,12 +1,10 @@
-"""Ctrl-C and SIGTERM stop `fit` at a batch boundary, with a checkpoint, in every process at the same step; the
-random state in every checkpoint makes the resumed fit draw what the uninterrupted one would have."""
+"""Stopping a fit cleanly on a signal, and resuming it as if it had never stopped."""
 
 import os
 import signal
 import sys
 
 import torch
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -14,8 +12,8 @@ NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class Stopped(SystemExit):
-    """Training stopped by a signal; exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell
-    reports a process the signal ended, so a scheduler knows the run did not finish."""
+    """Training stopped by a signal: exits 128 + its number (130 Ctrl-C, 143 SIGTERM), as a shell reports a process
+    the signal ended, so a scheduler knows the run did not finish."""
 
     def __init__(self, signum: int):
         super().__init__(128 + signum)
@@ -23,19 +21,15 @@ class Stopped(SystemExit):
 
 
 class StopOnSignal(Callback):
-    """While training runs, the first Ctrl-C (SIGINT) or SIGTERM asks the run to stop; it stops before the next
-    training batch, on every rank at the same batch: ModelCheckpoint's `save_on_exception` saves the state
-    after the last finished batch, and the process exits with `Stopped`. A second Ctrl-C stops at once.
-
-    It replaces Lightning's own SIGTERM handler for the length of training (Lightning puts the earlier
-    handlers back after the run): under DDP that handler calls a collective from inside the signal handler
-    and lets each rank stop at its own batch, so a rank waits forever in a collective the others never join
-    (Ctrl-C on a 2-process fit: both processes still alive 80 s later). Here a signal only sets a flag, and
-    under DDP the ranks agree on it at the start of every `check_every`-th batch: one all-reduce of a flag (on
-    GPUs a host sync) per `check_every` steps, not per step. A single process checks every batch, for free.
+    """The first Ctrl-C or SIGTERM in training stops it before the next batch, on every rank at the same batch:
+    ModelCheckpoint's `save_on_exception` saves the state, and the process exits with `Stopped`. A second Ctrl-C
+    stops at once. It replaces Lightning's SIGTERM handler during training (Lightning restores the earlier ones
+    after it), which under DDP runs a collective inside the signal handler and lets each rank stop at its own batch:
+    a rank then waits forever in a collective the others never join (Ctrl-C on a 2-process fit: both still alive
+    80 s later). Here a signal only sets a flag.
 
     Args:
-        check_every: Under DDP, the ranks agree whether to stop every this many training batches.
+        check_every: Under DDP, the ranks agree whether to stop every this many batches (an all-reduce: a host sync).
     """
 
     def __init__(self, check_every: int = 8):
@@ -82,12 +76,9 @@ class StopOnSignal(Callback):
 
 class RandomState(Callback):
     """Lightning saves no RNG state; this saves torch's (CPU and each CUDA device's) in every checkpoint, so a
-    resumed fit draws what the uninterrupted run would from the global RNG (dropout, a network's own draws).
-    The epoch's order and each batch's augmentation have their own seeded generators and do not depend on it.
-
-    Restored by a resumed `fit` only (evaluating a checkpoint leaves the process's random state alone), and for
-    CUDA only on the devices this process has: a checkpoint saved on 8 GPUs resumes on fewer.
-    """
+    resumed fit draws what the uninterrupted run would from the global RNG (dropout, a network's own draws; the
+    epoch's order and the augmentation have their own generators). Restored by a resumed `fit` only, and for CUDA
+    only on the devices this process has: a checkpoint saved on 8 GPUs resumes on fewer."""
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
