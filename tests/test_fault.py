@@ -142,11 +142,12 @@ def test_a_corrupt_newest_checkpoint_is_named_not_used(folder_data, tmp_path, ca
     common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
     main(["fit", *common, "--trainer.max_epochs", "1"])
-    last = next(Path("runs/cifar").glob("*-fit-*/checkpoints/last.ckpt"))
-    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
-    for ckpt in ("last", "best"):
+    run = next(Path("runs/cifar").glob("*-fit-*"))
+    for ckpt in ("last", "best"):  # `best`: the file run.json names, which a corrupt last.ckpt does not hide
+        path = run / "checkpoints" / ("last.ckpt" if ckpt == "last" else json.loads((run / "run.json").read_text())["best"])
+        path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
         message = cli_error(["test", *common, "--ckpt_path", ckpt], capsys)
-        assert f"{last} is not a readable Lightning checkpoint" in message
+        assert f"{path} is not a readable Lightning checkpoint" in message
 
 
 def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_path):
