@@ -54,7 +54,7 @@ class ImagePredictionLogger(Callback):
             probs = pl_module.evaluate(images.to(pl_module.device)).float().softmax(dim=-1).cpu()  # with its TTA
         preds = probs.argmax(dim=-1)
         classes = trainer.datamodule.classes
-        captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
+        captions = captions_of(preds, labels, classes)
         step = trainer.global_step
         wrote = False
         for logger in trainer.loggers:
@@ -83,6 +83,10 @@ def prediction_rows(images: Tensor, labels: Tensor, probs: Tensor, classes: list
     rows = zip(images.permute(0, 2, 3, 1).cpu().numpy(), labels.tolist(), predicted.tolist(), confidence.tolist(),
                probs.tolist())  # fmt: skip
     return columns, [[wandb.Image(hwc), classes[y], classes[p], c, *row] for hwc, y, p, c, row in rows]
+
+
+def captions_of(preds: Tensor, labels: Tensor, classes: list[str]) -> list[str]:
+    return [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
 
 
 def captioned_grid(images: Tensor, captions: list[str], correct: list[bool], columns: int = 8, zoom: int = 3):
@@ -179,7 +183,7 @@ class TestReport(Callback):
         confusion_figure(confusion, classes, provenance).savefig(run_dir / "confusion_matrix.png", dpi=100)
         images = torch.cat(self.samples).cpu()
         preds, labels = preds[: len(images)].cpu(), labels[: len(images)].cpu()
-        captions = [f"Pred: {classes[p]}, Label: {classes[y]}" for p, y in zip(preds.tolist(), labels.tolist())]
+        captions = captions_of(preds, labels, classes)
         captioned_grid(images, captions, correct=(preds == labels).tolist()).save(run_dir / "test_examples.png")
         self.written = True
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cifar.errors import UserError
+from cifar.errors import UserError, first_line
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,7 +41,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # zip, pickle and unsafe-type errors all mean "not a checkpoint we load"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(f"{path} is not a readable Lightning checkpoint ({reason[:200]})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (it has no state_dict)")

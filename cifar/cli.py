@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from cifar import run
 from cifar.checkpoints import load_checkpoint
 from cifar.data import CIFAR10DataModule
-from cifar.errors import UserError
+from cifar.errors import UserError, first_line
 from cifar.export import export
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
@@ -153,19 +153,12 @@ def run_tool(name: str, argv: list[str]) -> None:
     tool(**options)
 
 
-class NoAdvertisements(logging.Filter):
-    """Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" through its rank-zero logger in every
-    command: a filter on that logger (Lightning's console output is plain Python logging) drops just those."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
-
-
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdvertisements())
+    # Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command, through plain Python logging.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
     argv = sys.argv[1:] if args is None else args
     stopper = StopOnSignal()
     try:
@@ -204,8 +197,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     except wandb.errors.Error as error:  # e.g. online with no reachable server, or an invalid API key
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: W&B could not start the run ({reason}). Log offline with "
+        print(f"error: W&B could not start the run ({first_line(error)}). Log offline with "
               f"--trainer.logger.init_args.offline true and upload later with `wandb sync`, or wait longer "
               f"with WANDB_INIT_TIMEOUT=<seconds>", file=sys.stderr)  # fmt: skip
         sys.exit(2)

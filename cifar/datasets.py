@@ -21,7 +21,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import resize
 
-from cifar.errors import UserError
+from cifar.errors import UserError, first_line
 
 IMAGE_SIZE = 32  # pixels; every image is resized to IMAGE_SIZE x IMAGE_SIZE if it is not already
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -178,7 +178,7 @@ def read_images(paths: list[Path], skip_bad: bool = False) -> tuple[Tensor, list
             kept.append(i)
         except RuntimeError as error:
             if not skip_bad:
-                raise UserError(f"cannot decode {path} as an image ({str(error).splitlines()[0]}); "
+                raise UserError(f"cannot decode {path} as an image ({first_line(error)}); "
                                 f"replace or remove it, or pass --data.skip_bad_images true") from error  # fmt: skip
     if skipped := sorted(set(range(len(paths))) - set(kept)):
         print(f"skipped {len(skipped)} unreadable image(s) in {paths[skipped[0]].parent}, e.g. {paths[skipped[0]]}")

@@ -9,7 +9,7 @@ import socket
 import string
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from cifar.errors import UserError
 
 RECORD, LOCK = "run.json", ".lock"
 OVERLAPS = "overlaps training data"  # the mark on results evaluated on training images
+NEVER = "0001-01-01T00:00:00+00:00"  # the start of a run that recorded none
 CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")  # what a checkpoint's config holds: no command's own keys
 
 
@@ -35,14 +36,18 @@ def read_record(run_dir: Path) -> dict:
         return {}
 
 
+def run_of(ckpt_path: str | Path) -> Path | None:
+    """The run directory a checkpoint is in (`<run>/checkpoints/<name>.ckpt`), or None."""
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    return run_dir if Path(ckpt_path).parent.name == "checkpoints" and (run_dir / RECORD).exists() else None
+
+
 def latest_run(root: Path) -> Path | None:
     """The run under `root` (one or two levels down) with a checkpoint whose last start is the latest; file times
     never count."""
     runs = [r.parent for r in (*root.glob(f"*/{RECORD}"), *root.glob(f"*/*/{RECORD}"))]
-    starts = {r: read_record(r).get("starts") for r in runs if any((r / "checkpoints").glob("*.ckpt"))}
-    never = datetime.min.replace(tzinfo=timezone.utc)
-    latest = {r: max(map(datetime.fromisoformat, s)) if s else never for r, s in starts.items()}
-    return max(latest, key=lambda r: (latest[r], r.name), default=None)
+    starts = {r: read_record(r).get("starts") or [NEVER] for r in runs if any((r / "checkpoints").glob("*.ckpt"))}
+    return max(starts, key=lambda r: (max(map(datetime.fromisoformat, starts[r])), r.name), default=None)
 
 
 def find_checkpoint(ckpt_path: str, root: Path) -> Path:
@@ -81,8 +86,8 @@ def split_text(split: dict) -> str:
 
 
 def evaluation(command: str, dm, checkpoint: dict, ckpt_path: Path) -> dict:
-    """What `command` evaluates, as the data module (set up) chose it, checked against what the checkpoint trained on
-    (stopping on images it trained on, unless `dm.allow_overlap`): {data, images, checkpoint, fit_run, overlap, note}."""
+    """What `command` evaluates (the data module's choice), checked against what the checkpoint trained on: {data,
+    images, checkpoint, fit_run, overlap, note}. Images it trained on stop the command unless `dm.allow_overlap`."""
     what = "test" if command == "test" else "validation"
     if command == "test" and dm.test_size is None:  # the data's own test split
         source, indices = dm.sources["test"], torch.arange(len(dm.test_dataset))
@@ -91,8 +96,7 @@ def evaluation(command: str, dm, checkpoint: dict, ckpt_path: Path) -> dict:
         source, indices = dm.sources["train"], dm.test_index if command == "test" else dm.val_index
         split = split_text(dm.split)
         described = f"{len(indices)} {what} images held out of {describe_source(source)} by split {split}"
-    run_dir = Path(ckpt_path).resolve().parent.parent
-    fit_run = (checkpoint.get("run") or {}).get("name") or (run_dir.name if (run_dir / RECORD).exists() else None)
+    fit_run = (checkpoint.get("run") or {}).get("name") or getattr(run_of(ckpt_path), "name", None)
     record, overlap = training_record(checkpoint), None
     mine = [e for e in record or [] if e["source"]["fingerprint"] == source["fingerprint"]]
     if record is None:
@@ -108,12 +112,11 @@ def evaluation(command: str, dm, checkpoint: dict, ckpt_path: Path) -> dict:
         overlap = int(trained[indices].sum())
         if overlap and not dm.allow_overlap:
             raise UserError(
-                f"{overlap} of the {len(indices)} {what} images were used to train checkpoint {ckpt_path} (it trained "
-                f"on {describe_source(source)} with split {split_text(mine[-1]['split'])}; this command's "
-                f"{split_text(dm.split)}). Evaluate honestly on the images it held out (leave --data.seed, "
-                f"--data.val_size and --data.test_size off the command line: the checkpoint's split is used) or on "
-                f"separate data (test/<class>/ folders, the official test batches); to evaluate on them anyway, pass "
-                f"--data.allow_overlap true (the results are then marked '{OVERLAPS}')"
+                f"{overlap} of the {len(indices)} {what} images were used to train checkpoint {ckpt_path} (it "
+                f"trained on {describe_source(source)} with split {split_text(mine[-1]['split'])}; this command's "
+                f"{split_text(dm.split)}). Evaluate honestly: leave --data.seed, --data.val_size and --data.test_size "
+                f"off the command line (the checkpoint's split is used), or use separate data (test/<class>/ folders, "
+                f"the official test batches); or pass --data.allow_overlap true to evaluate them (marked '{OVERLAPS}')"
             )
         note = f"none of them trained checkpoint {ckpt_path}"
         if overlap:
@@ -139,10 +142,8 @@ class Run:
     @classmethod
     def start(cls, command: str, root: Path, ckpt_path: str | None = None) -> "Run":
         """A new run under `root`, or, for `fit` from a checkpoint in a run's `checkpoints/`, that run."""
-        if command == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
-            run_dir = Path(ckpt_path).resolve().parent.parent
-            if (run_dir / RECORD).exists():
-                return cls(run_dir, read_record(run_dir).get("id", run_dir.name), command, resumed=True)
+        if command == "fit" and ckpt_path and (run_dir := run_of(ckpt_path)):
+            return cls(run_dir, read_record(run_dir).get("id", run_dir.name), command, resumed=True)
         # 8 random lowercase letters and digits, as W&B draws run ids (its generator is not public API).
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         return cls(Path(root) / f"{datetime.now():%Y%m%d-%H%M%S}-{command}-{run_id}", run_id, command)
@@ -179,9 +180,8 @@ class Run:
 
 
 class RunRecord(SaveConfigCallback):
-    """Writes the run (on rank 0, rank 0's run for every rank): `run.json`, `config.yaml` (the config as the user
-    gave it, so running it again makes a new run), the config and the evaluation for every logger, and the run, what
-    it trained on and its config in every checkpoint. Releases the run's lock (`held`) when the command ends."""
+    """Writes rank 0's run: `run.json`, `config.yaml` (as given: run again, it makes a new run), the config and the
+    evaluation for every logger, the run in every checkpoint; releases the run's lock (`held`) when it ends."""
 
     def __init__(self, parser: LightningArgumentParser, config: Namespace, run: Run, user_config: Namespace, held=None):
         super().__init__(parser, user_config, save_to_log_dir=False)

@@ -90,6 +90,9 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     assert re.match(r"error: [1-9]\d* of the 12 validation images were used to train", capsys.readouterr().err.splitlines()[-1])
     assert main_exit_code(["fit", *common, "--ckpt_path", "last", "--data.seed", "1", "--trainer.max_epochs", "2"]) == 2
     assert "validation images were used to train" in capsys.readouterr().err
+    # Refused before anything was written: no run folder, no W&B run, the fit run's record as it was.
+    assert sorted(p.name for p in (tmp_path / "runs/cifar").iterdir()) == sorted([fit.name, tested.name])
+    assert len(json.loads((fit / "run.json").read_text())["starts"]) == 1  # the refused resume recorded no start
 
     # The override: evaluated, and marked in the output, the report and the W&B run.
     caplog.clear()
