@@ -105,21 +105,14 @@ def captioned_grid(images: Tensor, captions: list[str], correct: list[bool], col
 
 
 class TestReport(Callback):
-    """At the end of `test`: confusion matrix, per-class accuracy and the most confidently wrong test images,
-    traced to the checkpoint, its fit run and the images evaluated.
+    """At the end of `test`: per-class accuracy (`test_acc/<class>`, every logger); for W&B the confusion matrix
+    (`test/confusion_matrix`) and the `num_mistakes` most confident mistakes (`test/mistakes`); in the run directory
+    `confusion_matrix.png`, `test_examples.png` (right in green, wrong in red) and `test_report.json`: the metrics,
+    the checkpoint, its fit run, the data evaluated and how many of its images trained the checkpoint (`overlap`,
+    null when the checkpoint has no record of its training data).
 
-    Per-class accuracy goes to every logger as `test_acc/<class>`. W&B also gets the confusion matrix
-    (`test/confusion_matrix`) and a table of the `num_mistakes` most confident mistakes (`test/mistakes`,
-    the columns of `val/predictions`). With any logger, or none, the run directory gets
-    `confusion_matrix.png` (titled with the checkpoint, its fit run and the data), `test_examples.png` (the
-    first `num_samples` test images, captioned green when right, red when wrong) and `test_report.json`:
-    the metrics, the checkpoint, its fit run, the data evaluated and how many of its images trained the
-    checkpoint (`overlap`; null when the checkpoint has no record of its training data).
-
-    It reads the logits `LitModel.test_step` returns and keeps, on the model's device, only the
-    probabilities and labels (a few bytes an image) and the images it will show. With several
-    devices, confusion_matrix.png and per-class accuracy sum every rank's counts; the W&B chart, the images
-    and the mistakes come from rank zero's share of the test set.
+    It keeps on the model's device only probabilities and labels (a few bytes an image) and the images it shows.
+    Under DDP the counts are every rank's; the W&B chart, the images and the mistakes rank zero's share.
 
     Args:
         num_samples: Number of test images in test_examples.png.
