@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST, ROOT, cli_command, cli_env, make_folder_data, run_cli
+from conftest import CLASSES, CONFIG, FAST, FAST_CONFIG, ROOT, cli_command, cli_env, make_folder_data, only, run_cli
 
 import wandb_records
 from cifar.data import EpochShuffle
 
 
 TWO_CORES = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores
-
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
 
 
 def test_each_rank_trains_on_its_own_shard_and_resumes_in_it():
@@ -117,9 +111,6 @@ def test_ddp_fit_by_torchrun_one_run_same_metrics_by_any_launcher(folder_data: P
     assert len(list((tmp_path / "runs" / "cifar").iterdir())) == 5  # fit, 2 x validate, 2 x test: nothing shared
 
 
-FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
-
-
 def printed_test_metrics(result: subprocess.CompletedProcess) -> dict[str, float]:
     """The numbers of the table `test` prints (test_acc, test_loss, test_acc/<class>)."""
     return {k: float(v) for k, v in re.findall(r"│\s*(test_[\w/]+)\s*│\s*([0-9.]+)\s*│", result.stdout)}
@@ -155,18 +146,20 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
 def test_a_signal_stops_every_rank_at_one_batch_with_a_checkpoint(sig, to_group, code, tmp_path: Path):
     """Ctrl-C in a terminal (SIGINT to every process) or a scheduler's SIGTERM to the launching process only:
     exit 128 + signal, a checkpoint, every process gone within seconds."""
-    data = make_folder_data(tmp_path / "data", per_class=60, test_per_class=1)
+    data = make_folder_data(tmp_path / "data", per_class=20, test_per_class=1)  # 48 trained on: 12 steps an epoch
+    training = tmp_path / "in-training"  # written by rank 0 at step 15, in the second epoch
     args = ["fit", "--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size", "2",
             "--trainer.max_epochs", "1000", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", "15",
+            "--trainer.callbacks.touch", str(training)]  # fmt: skip
     process = subprocess.Popen(cli_command(args), cwd=tmp_path, env=cli_env(TWO_CORES), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob("runs/cifar/*/checkpoints/last.ckpt")):  # an epoch is done: training is under way
-            assert time.time() < deadline and process.poll() is None, "no checkpoint within 120 s"
-            time.sleep(0.2)
-        time.sleep(1.0)
+        while not training.exists():  # the ranks are training, past the first epoch's checkpoint
+            assert time.time() < deadline and process.poll() is None, f"not at step 15 within 120 s: {process.poll()}"
+            time.sleep(0.1)
         os.killpg(process.pid, sig) if to_group else process.send_signal(sig)
         output = process.communicate(timeout=60)[0]
         deadline = time.time() + 20
@@ -181,4 +174,4 @@ def test_a_signal_stops_every_rank_at_one_batch_with_a_checkpoint(sig, to_group,
     assert f"stopped by {name} before the run finished: checkpoint saved to" in output
     run = only((tmp_path / "runs" / "cifar").iterdir())
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] > (3 * 60 - 12) // 4  # past the first epoch (168 images, 2 ranks x 2 per step)
+    assert saved["global_step"] >= 15  # the stop's checkpoint, not the first epoch's (step 12)
