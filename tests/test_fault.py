@@ -157,12 +157,19 @@ def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_pat
     assert time.time() - started < 60
 
 
-def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(fitted, tmp_path):
-    run = fitted_copy(fitted, tmp_path).run  # the shared fit (2 epochs, offline W&B), copied here
-    common = ["--config", CONFIG, "--data.data_dir", "data", "--data.val_size", "12",
+def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data, tmp_path, monkeypatch):
+    import wandb
+
+    from cifar.cli import main
+
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
               "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    run_cli(["fit", *common, "--trainer.max_epochs", "3", "--ckpt_path", "last"], tmp_path)
-    assert only((tmp_path / "runs" / "cifar").glob("*-fit-*")) == run
+    with monkeypatch.context() as patch:  # the first part in this process, the second in a new one
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--trainer.max_epochs", "1"])
+        wandb.finish()  # as the process's exit would
+    run_cli(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], tmp_path)
+    (run,) = (tmp_path / "runs" / "cifar").glob("*-fit-*")
     parts = sorted((run / "wandb").glob("offline-run-*"))
     run_id = json.loads((run / "run.json").read_text())["id"]
     assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)  # one W&B id, kept on resume

@@ -116,13 +116,16 @@ def wait_for(condition, what: str, process: subprocess.Popen, seconds: float = 1
         time.sleep(0.2)
 
 
-def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(fitted, tmp_path: Path):
-    """Two `fit --ckpt_path last` of one run (the shared fit, copied) at once: the second stops in one line naming
-    the first (host, pid) and writes nothing; once the first is killed (SIGKILL: no clean-up), the run resumes,
-    and a SIGTERM at its 3rd step (signals.SignalAt) stops it there with a checkpoint."""
-    run = fitted_copy(fitted, tmp_path).run  # 2 epochs of 5 steps
-    common = ["--config", CONFIG, "--data.data_dir", "data", "--data.val_size", "12", "--data.batch_size", "8",
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(folder_data: Path, tmp_path: Path, monkeypatch):
+    """Two `fit --ckpt_path last` of one run at once: the second stops in one line naming the first (host, pid)
+    and writes nothing; once the first is killed (SIGKILL: no clean-up), the run resumes, and a SIGTERM at its
+    3rd step (signals.SignalAt) stops it there with a checkpoint."""
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
+              "8", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    with monkeypatch.context() as patch:  # the run's first epoch in this process (5 steps), which keeps no lock
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--trainer.max_epochs", "1"])
+    run = only((tmp_path / "runs/cifar").iterdir())
     starts = lambda: len(json.loads((run / "run.json").read_text())["starts"])  # noqa: E731
     resume = ["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", "100000",
               "--trainer.check_val_every_n_epoch", "100000"]  # no validation: EarlyStopping never stops it  # fmt: skip
@@ -142,7 +145,7 @@ def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(fitted, tmp_pa
         assert starts() == 2 and not list(run.glob("config-resume-3.yaml"))
         first.kill()  # its lock goes with it
         first.wait(timeout=30)
-        third = start("--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", "13",
+        third = start("--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", "8",
                       "--trainer.callbacks.signal", "SIGTERM")  # in training: a SIGTERM stops at a batch  # fmt: skip
         try:
             output = third.communicate(timeout=120)[0]
@@ -151,6 +154,6 @@ def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(fitted, tmp_pa
             third.kill()
         assert starts() == 3, output
         assert (run / "config-resume-2.yaml").is_file() and (run / "config-resume-3.yaml").is_file()
-        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 13
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8, output
     finally:
         first.kill()
