@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from conftest import CONFIG, FAST, make_folder_data, run_cli
+from conftest import CONFIG, FAST, make_folder_data, only, run_cli
 
 import wandb_records
 from cifar.cli import main
 from cifar.data import CIFAR10DataModule
 from cifar.module import LitModel
 
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
 
 
 def said(caplog) -> str:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, run_cli
+from conftest import CLASSES, FAST_CONFIG, ROOT, run_cli
 from lightning.pytorch import Callback, Trainer
 
 from cifar.cli import main
@@ -18,8 +18,6 @@ from cifar.module import LitModel
 from cifar.nets import AirbenchNet, TutorialCNN
 from cifar.optim import Muon, PiecewiseLinearLR, orthogonalize
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
 TINY = ["--data.batch_size", "16", "--data.val_size", "12", "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false", "--trainer.precision", "32"]  # fmt: skip
 
