@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import wandb
+from lightning.pytorch import Callback
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 CONFIG = str(ROOT / "configs" / "cifar.yaml")
 FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml")  # sweep.yaml: a W&B sweep
 CLASSES = ["bird", "cat", "dog"]  # not 10: proves num_classes flows from the data to the model
 OFFICIAL_CLASSES = ["apple", "boat", "car", "dog"]
 # Small enough to run in seconds: batch 8, 2 epochs.
@@ -203,3 +205,57 @@ def fitted_copy(fitted: SimpleNamespace, where: Path) -> SimpleNamespace:
     shutil.copytree(fitted.root, where, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".wandb-*"))
     return SimpleNamespace(root=where, data=where / "data", run=where / fitted.run.relative_to(fitted.root),
                            fit=fitted.fit, env=fitted.env)  # fmt: skip
+
+
+class Built(Callback):
+    """What the CLI built for a fit, kept in `Built.fits[name]` when training ends: the trainer's loggers and
+    callbacks (class names), whether a WandbLogger was told `offline`, the model's weights' shapes, the steps.
+    Added by `--trainer.callbacks+=conftest.Built --trainer.callbacks.name NAME`.
+
+    Args:
+        name: The key in `Built.fits`.
+    """
+
+    fits: dict[str, SimpleNamespace] = {}
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Built.fits[self.name] = SimpleNamespace(
+            loggers=[type(logger).__name__ for logger in trainer.loggers],
+            wandb_offline=[logger._offline for logger in trainer.loggers if hasattr(logger, "_offline")],
+            callbacks=[type(callback).__name__ for callback in trainer.callbacks],
+            shapes={name: tuple(tensor.shape) for name, tensor in pl_module.state_dict().items()},
+            global_step=trainer.global_step)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
+    """Every CLI config in configs/ (CONFIGS), as it is (its logger too: W&B, offline without an API key), parsed
+    by the real CLI in this process, built, and fitted for one training step on tiny data (the folder images, batch
+    4, one validation batch where the config validates after the first epoch); then its last checkpoint tested on
+    one batch. {config name: Built's record of the fit, plus `test`: the test run's test_report.json}."""
+    from cifar.cli import main
+
+    root = tmp_path_factory.mktemp("one-step")
+    data = make_folder_data(root / "data")
+    fits = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for key, value in wandb_env(root).items():
+            patch.setenv(key, value) if value is not None else patch.delenv(key, raising=False)
+        for config in CONFIGS:
+            common = ["--config", str(config), "--data.data_dir", str(data), "--data.batch_size", "4",
+                      "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            main(["fit", *common, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                  "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                  "--trainer.callbacks+=conftest.Built", "--trainer.callbacks.name", config.stem])  # fmt: skip
+            wandb.finish()  # as the process's exit would
+            tested = set(root.glob("runs/*/*-test-*"))
+            main(["test", *common, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"])
+            wandb.finish()
+            (run,) = set(root.glob("runs/*/*-test-*")) - tested
+            fits[config.stem] = Built.fits.pop(config.stem)
+            fits[config.stem].test = json.loads((run / "test_report.json").read_text())
+    return fits
