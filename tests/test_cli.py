@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, SECRET, cli_command, cli_env, fitted_copy,
+import wandb
+from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, SECRET, app_messages, cli_command, cli_env, fitted_copy,
                       make_official_data, only, run_cli)
 from PIL import Image
 
 import wandb_records
+from cifar.cli import main
 
 
 @pytest.fixture(params=["folder", "official"])
@@ -132,8 +134,10 @@ def test_runs_started_together_never_collide_and_best_last_follow_the_latest_sta
     # best and last: the run that started last, whatever the file times say.
     for checkpoint in (runs[0] / "checkpoints").glob("*.ckpt"):
         os.utime(checkpoint, (4e9, 4e9))  # the earlier run's files touched, as a copy or a backup would
-    test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path)
-    assert f"--ckpt_path best: runs/cifar/{runs[1].name}/checkpoints/epoch=0-" in test.stderr
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:  # in this process: no third start-up
+        patch.chdir(tmp_path)
+        main(["test", *common, "--ckpt_path", "best"])
+    assert f"--ckpt_path best: runs/cifar/{runs[1].name}/checkpoints/epoch=0-" in "\n".join(said)
     assert (runs[0] / "config.yaml").read_text() == first_config  # untouched by the others
     assert only((tmp_path / "runs" / "cifar").glob("*-test-*")).joinpath("config.yaml").exists()
 
@@ -166,11 +170,14 @@ def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: P
     assert Run.start("fit", root, str(first / "checkpoints" / "last.ckpt")).dir == first  # fit from a run's checkpoint resumes it
 
 
-def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
+def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path, monkeypatch):
     """`test` logs per-class accuracy, a confusion matrix and the most confident mistakes, and writes two PNGs."""
-    test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST], tmp_path)  # untrained
+    monkeypatch.chdir(tmp_path)
+    with app_messages() as said:
+        main(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST])  # untrained
+        wandb.finish()  # as the process's exit would: the run's files complete
     run = only((tmp_path / "runs" / "cifar").glob("*-test-*"))
-    assert f"Test report written to runs/cifar/{run.name}/test_report.json, runs/cifar/{run.name}/confusion_matrix.png" in test.stderr
+    assert f"Test report written to runs/cifar/{run.name}/test_report.json, runs/cifar/{run.name}/confusion_matrix.png" in "\n".join(said)
     assert Image.open(run / "confusion_matrix.png").size[0] > 200
     assert Image.open(run / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images, 8 a row
 
@@ -193,7 +200,8 @@ def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
     assert confidences == sorted(confidences, reverse=True)  # most confident first
 
 
-def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path):
+def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path,
+                                                                                   capsys, monkeypatch):  # fmt: skip
     fit = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
                    "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model", "true"], tmp_path)  # fmt: skip
     assert "W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline" in fit.stderr
@@ -204,9 +212,12 @@ def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifac
     assert "log_model: true" in (run / "config.yaml").read_text()  # the user's config, as given
 
     # offline: true in the config wins, and Lightning's WandbLogger refuses log_model with it: one line.
-    refused = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST, "--trainer.logger.init_args.offline",
-                       "true", "--trainer.logger.init_args.log_model", "true"], tmp_path, check=False)  # fmt: skip
-    assert refused.returncode == 2 and "error: log_model with offline: true" in refused.stderr
+    from test_errors import cli_error
+
+    monkeypatch.chdir(tmp_path)
+    refused = cli_error(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST, "--trainer.logger.init_args.offline",
+                         "true", "--trainer.logger.init_args.log_model", "true"], capsys)  # fmt: skip
+    assert refused.startswith("error: log_model with offline: true")
 
 
 FREED_MEMORY_PROBE = """
