@@ -20,7 +20,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import wandb
-from lightning.pytorch import Callback
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
@@ -153,9 +152,12 @@ def cli_command(args: list[str], checksums: dict | None = None) -> list[str]:
 
 def cli_env(env: dict | None = None) -> dict:
     """This process's environment for a CLI subprocess: the repository (for `cifar`) and tests/ (for test-side
-    callbacks such as `signals.SignalAt`) put before any PYTHONPATH already set; `env` on top, None unsets."""
+    callbacks such as `signals.SignalAt`) put before any PYTHONPATH already set; `env` on top, None unsets. What
+    an in-process command of the same test left in os.environ is not passed on (see hermetic_wandb): the address
+    of this process's wandb-core service, which the subprocess would share (its run's last records could then
+    come after it exits), and Lightning's last seed."""
     path = os.pathsep.join([str(ROOT), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    merged = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    merged = {**os.environ, "PYTHONPATH": path, "WANDB_SERVICE": None, "PL_GLOBAL_SEED": None, **(env or {})}
     return {key: value for key, value in merged.items() if value is not None}
 
 
@@ -207,35 +209,14 @@ def fitted_copy(fitted: SimpleNamespace, where: Path) -> SimpleNamespace:
                            fit=fitted.fit, env=fitted.env)  # fmt: skip
 
 
-class Built(Callback):
-    """What the CLI built for a fit, kept in `Built.fits[name]` when training ends: the trainer's loggers and
-    callbacks (class names), whether a WandbLogger was told `offline`, the model's weights' shapes, the steps.
-    Added by `--trainer.callbacks+=conftest.Built --trainer.callbacks.name NAME`.
-
-    Args:
-        name: The key in `Built.fits`.
-    """
-
-    fits: dict[str, SimpleNamespace] = {}
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        Built.fits[self.name] = SimpleNamespace(
-            loggers=[type(logger).__name__ for logger in trainer.loggers],
-            wandb_offline=[logger._offline for logger in trainer.loggers if hasattr(logger, "_offline")],
-            callbacks=[type(callback).__name__ for callback in trainer.callbacks],
-            shapes={name: tuple(tensor.shape) for name, tensor in pl_module.state_dict().items()},
-            global_step=trainer.global_step)  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
     """Every CLI config in configs/ (CONFIGS), as it is (its logger too: W&B, offline without an API key), parsed
     by the real CLI in this process, built, and fitted for one training step on tiny data (the folder images, batch
     4, one validation batch where the config validates after the first epoch); then its last checkpoint tested on
     one batch. {config name: Built's record of the fit, plus `test`: the test run's test_report.json}."""
+    from probes import Built
+
     from cifar.cli import main
 
     root = tmp_path_factory.mktemp("one-step")
@@ -250,7 +231,7 @@ def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
                       "--trainer.enable_progress_bar", "false"]  # fmt: skip
             main(["fit", *common, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                   "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-                  "--trainer.callbacks+=conftest.Built", "--trainer.callbacks.name", config.stem])  # fmt: skip
+                  "--trainer.callbacks+=probes.Built", "--trainer.callbacks.name", config.stem])  # fmt: skip
             wandb.finish()  # as the process's exit would
             tested = set(root.glob("runs/*/*-test-*"))
             main(["test", *common, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"])
