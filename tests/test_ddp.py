@@ -136,7 +136,7 @@ def test_ddp_fit_by_torchrun_one_run_same_metrics_by_any_launcher(folder_data: P
     assert len(list((tmp_path / "runs" / "cifar").iterdir())) == 5  # fit, 2 x validate, 2 x test: nothing shared
 
 
-def test_metrics(root: Path) -> dict[str, float]:
+def reported_metrics(root: Path) -> dict[str, float]:
     """The metrics a `test` run under `root` reports (test_acc, test_loss, test_acc/<class>)."""
     report = json.loads(only(root.glob("*-test-*/test_report.json")).read_text())
     return {k: float(v) for k, v in report["metrics"].items()}
@@ -165,7 +165,7 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
         assert (last["epoch"], last["global_step"]) == (3, 4 * 3)  # 48 images / 16 per step, 4 epochs
         with in_process(tmp_path):  # each checkpoint tested by one process, this one
             main(["test", *common, *root, "--data.batch_size", "16", "--ckpt_path", "last"])
-        tests[name] = test_metrics(tmp_path / "runs" / name)
+        tests[name] = reported_metrics(tmp_path / "runs" / name)
     assert tests["ddp"].keys() == tests["single"].keys() >= {"test_acc", "test_loss"}
     assert tests["ddp"]["test_acc"] == pytest.approx(tests["single"]["test_acc"], abs=0.1)  # 12 test images
     assert tests["ddp"]["test_loss"] == pytest.approx(tests["single"]["test_loss"], abs=0.15)  # 0.27 vs 0.35 seen
