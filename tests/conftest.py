@@ -5,13 +5,17 @@ batches, so they patch torchvision's checksum table to theirs (in-process with m
 subprocess through `run_cli(..., checksums=...)`). Everything runs offline: W&B in offline mode.
 """
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +24,10 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 CONFIG = str(ROOT / "configs" / "cifar.yaml")
+FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml")  # sweep.yaml: a W&B sweep
 CLASSES = ["bird", "cat", "dog"]  # not 10: proves num_classes flows from the data to the model
 OFFICIAL_CLASSES = ["apple", "boat", "car", "dog"]
 # Small enough to run in seconds: batch 8, 2 epochs.
@@ -37,6 +44,28 @@ if table:
 from cifar.cli import main
 main()
 """
+
+
+def only(paths) -> Path:
+    """The one path of `paths` (a glob), or an assertion naming what there was."""
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+@contextlib.contextmanager
+def app_messages():
+    """What the app says on its console while in-process commands run (Lightning's rank-zero logger, where
+    `--ckpt_path best: ...` and the like go), as a list of messages that fills as they come."""
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
 
 
 def md5(path: Path) -> str:
@@ -122,7 +151,14 @@ def cli_command(args: list[str], checksums: dict | None = None) -> list[str]:
 
 
 def cli_env(env: dict | None = None) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    """This process's environment for a CLI subprocess: the repository (for `cifar`) and tests/ (for test-side
+    callbacks such as `signals.SignalAt`) put before any PYTHONPATH already set; `env` on top, None unsets. What
+    an in-process command of the same test left in os.environ is not passed on (see hermetic_wandb): the address
+    of this process's wandb-core service, which the subprocess would share (its run's last records could then
+    come after it exits), and Lightning's last seed."""
+    path = os.pathsep.join([str(ROOT), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    merged = {**os.environ, "PYTHONPATH": path, "WANDB_SERVICE": None, "PL_GLOBAL_SEED": None, **(env or {})}
+    return {key: value for key, value in merged.items() if value is not None}
 
 
 def run_cli(args: list[str], cwd: Path, checksums: dict | None = None, env: dict | None = None, check=True):
@@ -132,3 +168,75 @@ def run_cli(args: list[str], cwd: Path, checksums: dict | None = None, env: dict
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wandb_env(root: Path) -> dict:
+    """hermetic_wandb's settings for a subprocess started outside a test (by a session fixture): W&B's settings
+    and cache under `root`, and nothing an in-process run of this session left in os.environ."""
+    return {"WANDB_CONFIG_DIR": str(root / ".wandb-config"), "WANDB_CACHE_DIR": str(root / ".wandb-cache"),
+            "WANDB_DATA_DIR": str(root / ".wandb-data"), "WANDB_MODE": None, "WANDB_SERVICE": None,
+            "PL_GLOBAL_SEED": None}  # fmt: skip
+
+
+SECRET = "fake-api-key-0123456789abcdef0123456789abcdef"  # a W&B API key that must not end up in any file
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory) -> SimpleNamespace:
+    """One fit shared by the tests that evaluate, predict with, export, serve or resume a fitted run: the design
+    card's `fit --config configs/cifar.yaml` in a folder holding configs/ and data/ (3 classes, 48 training
+    images: 12 validation, 36 trained on at batch 8, 5 steps an epoch; 12 test images), 2 epochs (FAST), in
+    a new process, by a user with an API key who chose offline mode (WANDB_MODE=offline).
+
+    Treat it as read-only: a test that runs a command in it (which adds a run, or writes beside a checkpoint)
+    works on a copy, `fitted_copy(fitted, tmp_path)`. Fields: root (the folder, the fit's working directory),
+    data (root/data), run (its run directory), fit (the CompletedProcess), env (its environment, less the key).
+    """
+    root = tmp_path_factory.mktemp("fitted")
+    shutil.copytree(ROOT / "configs", root / "configs")
+    data = make_folder_data(root / "data")  # configs/cifar.yaml reads data/: train/ and test/ image folders
+    env = wandb_env(root)
+    fit = run_cli(["fit", "--config", "configs/cifar.yaml", "--data.val_size", "12", *FAST], root,
+                  env={**env, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"})  # fmt: skip
+    return SimpleNamespace(root=root, data=data, run=only((root / "runs" / "cifar").glob("*-fit-*")), fit=fit, env=env)
+
+
+def fitted_copy(fitted: SimpleNamespace, where: Path) -> SimpleNamespace:
+    """A copy of the shared fit's folder (configs/, data/, runs/) at `where` (which may exist), with the fields of
+    `fitted` pointing into it: run directories and checkpoints name their paths relative to the folder."""
+    shutil.copytree(fitted.root, where, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".wandb-*"))
+    return SimpleNamespace(root=where, data=where / "data", run=where / fitted.run.relative_to(fitted.root),
+                           fit=fitted.fit, env=fitted.env)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
+    """Every CLI config in configs/ (CONFIGS), as it is (its logger too: W&B, offline without an API key), parsed
+    by the real CLI in this process, built, and fitted for one training step on tiny data (the folder images, batch
+    4, one validation batch where the config validates after the first epoch); then its last checkpoint tested on
+    one batch. {config name: Built's record of the fit, plus `test`: the test run's test_report.json}."""
+    from probes import Built
+
+    from cifar.cli import main
+
+    root = tmp_path_factory.mktemp("one-step")
+    data = make_folder_data(root / "data")
+    fits = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for key, value in wandb_env(root).items():
+            patch.setenv(key, value) if value is not None else patch.delenv(key, raising=False)
+        for config in CONFIGS:
+            common = ["--config", str(config), "--data.data_dir", str(data), "--data.batch_size", "4",
+                      "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            main(["fit", *common, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                  "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                  "--trainer.callbacks+=probes.Built", "--trainer.callbacks.name", config.stem])  # fmt: skip
+            wandb.finish()  # as the process's exit would
+            tested = set(root.glob("runs/*/*-test-*"))
+            main(["test", *common, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"])
+            wandb.finish()
+            (run,) = set(root.glob("runs/*/*-test-*")) - tested
+            fits[config.stem] = Built.fits.pop(config.stem)
+            fits[config.stem].test = json.loads((run / "test_report.json").read_text())
+    return fits

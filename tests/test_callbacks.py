@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST
+from conftest import CLASSES, CONFIG, FAST, only
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
@@ -114,8 +114,3 @@ def test_without_wandb_the_app_trains_and_writes_its_pictures(logger, folder_dat
         header = only(test.glob("lightning_logs/*/metrics.csv")).read_text().splitlines()[0]
         assert {"test_acc", *[f"test_acc/{c}" for c in CLASSES]} <= set(header.split(","))
 
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]

@@ -9,40 +9,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, cli_command, cli_env, make_folder_data, make_official_data,
-                      run_cli)
+import wandb
+from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, SECRET, app_messages, cli_command, cli_env, fitted_copy,
+                      make_official_data, only, run_cli)
 from PIL import Image
 
 import wandb_records
-
-SECRET = "fake-api-key-0123456789abcdef0123456789abcdef"
+from cifar.cli import main
 
 
 @pytest.fixture(params=["folder", "official"])
-def dataset(request, tmp_path: Path) -> tuple[Path, dict | None, list[str]]:
-    """(data_dir, checksum table or None, class names) for each format the app reads."""
+def dataset(request, tmp_path: Path):
+    """(the shared fit copied here, or None, data_dir, checksum table or None, class names) for each format the
+    app reads. The image folders are the session's shared fit (`fitted`, by a user with an API key who chose
+    offline mode); the official release is fitted here, with the key too."""
     if request.param == "folder":
-        return make_folder_data(tmp_path / "data"), None, CLASSES
-    return tmp_path / "data", make_official_data(tmp_path / "data"), OFFICIAL_CLASSES
-
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
+        copy = fitted_copy(request.getfixturevalue("fitted"), tmp_path)
+        return copy, copy.data, None, CLASSES
+    return None, tmp_path / "data", make_official_data(tmp_path / "data"), OFFICIAL_CLASSES
 
 
 def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
-    data_dir, checksums, classes = dataset
-    common = ["--config", CONFIG, "--data.data_dir", str(data_dir), "--data.val_size", "12", *FAST]
-    # A user with an API key who chose offline mode (W&B's own WANDB_MODE decides).
-    run_cli(["fit", *common], tmp_path, checksums, env={"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"})
+    shared, data_dir, checksums, classes = dataset
+    key = {"WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}  # a user with an API key who chose offline mode
+    if shared:  # configs/cifar.yaml's default data_dir, data/, as the shared fit used it
+        common = ["--config", "configs/cifar.yaml", "--data.val_size", "12", *FAST]
+    else:
+        common = ["--config", CONFIG, "--data.data_dir", str(data_dir), "--data.val_size", "12", *FAST]
+        run_cli(["fit", *common], tmp_path, checksums, env=key)
 
     # One run directory with the resolved config, both checkpoints, and the offline W&B run.
     run = only((tmp_path / "runs" / "cifar").glob("*-fit-*"))
     run_id = json.loads((run / "run.json").read_text())["id"]
     assert run.name.endswith(f"-fit-{run_id}") and only(run.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
-    assert "data_dir: " + str(data_dir) in (run / "config.yaml").read_text()
+    assert "data_dir: " + ("data" if shared else str(data_dir)) in (run / "config.yaml").read_text()
     checkpoints = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects
@@ -51,7 +51,7 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     best = Path(last["callbacks"][only(k for k in last["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_path"])
 
     # test in a new process evaluates that best checkpoint.
-    test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path, checksums)
+    test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path, checksums, env=key)
     assert f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best.name}" in test.stderr
     assert f"Restoring states from the checkpoint path at runs/cifar/{run.name}/checkpoints/{best.name}" in test.stderr
     assert re.search(r"test_acc\s*│\s*[0-9.]+", test.stdout), test.stdout
@@ -63,7 +63,8 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     Image.new("L", (16, 16), 90).save(mine / "gray.jpg")
     Image.new("RGBA", (33, 31), (0, 0, 255, 128)).save(mine / "blue.png")
     (mine / "README.txt").write_text("not an image")
-    predict = run_cli(["predict", *common, "--ckpt_path", "best", "--data.predict_dir", str(mine)], tmp_path, checksums)
+    predict = run_cli(["predict", *common, "--ckpt_path", "best", "--data.predict_dir", str(mine)], tmp_path, checksums,
+                      env=key)  # fmt: skip
     where = re.search(r"Predictions for 3 images written to (\S+)", predict.stdout + predict.stderr)
     assert where, predict.stdout + predict.stderr
     rows = list(csv.DictReader(open(tmp_path / where.group(1))))
@@ -80,10 +81,9 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data: Path, tmp_path: Path):
-    args = ["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST]
-    run_cli(args, tmp_path)
-    run_file = only((tmp_path / "runs" / "cifar").glob("*-fit-*/wandb/offline-run-*/run-*.wandb"))
+def test_wandb_offline_run_holds_captioned_images_metrics_and_config(fitted):
+    """The shared fit's offline W&B run (fitted: 2 epochs, 12 validation images, batch 8)."""
+    run_file = only(fitted.run.glob("wandb/offline-run-*/run-*.wandb"))
     history = wandb_records.history(run_file)
 
     images = [row for row in history if "val/examples/captions" in row]
@@ -112,7 +112,9 @@ def test_wandb_offline_run_holds_captioned_images_metrics_and_config(folder_data
     logged = set().union(*history)
     assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= logged
     config = wandb_records.config(run_file)
-    assert config["config"]["data"]["data_dir"] == str(folder_data)  # the whole resolved CLI config
+    data = config["config"]["data"]  # the whole resolved CLI config, as the user gave it
+    assert (data["data_dir"], data["val_size"], data["batch_size"]) == ("data", 12, 8)
+    assert config["config"]["trainer"]["default_root_dir"] == "runs/cifar"
     assert config["config"]["trainer"]["callbacks"][2]["class_path"] == "cifar.callbacks.ImagePredictionLogger"
 
 
@@ -132,8 +134,10 @@ def test_runs_started_together_never_collide_and_best_last_follow_the_latest_sta
     # best and last: the run that started last, whatever the file times say.
     for checkpoint in (runs[0] / "checkpoints").glob("*.ckpt"):
         os.utime(checkpoint, (4e9, 4e9))  # the earlier run's files touched, as a copy or a backup would
-    test = run_cli(["test", *common, "--ckpt_path", "best"], tmp_path)
-    assert f"--ckpt_path best: runs/cifar/{runs[1].name}/checkpoints/epoch=0-" in test.stderr
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:  # in this process: no third start-up
+        patch.chdir(tmp_path)
+        main(["test", *common, "--ckpt_path", "best"])
+    assert f"--ckpt_path best: runs/cifar/{runs[1].name}/checkpoints/epoch=0-" in "\n".join(said)
     assert (runs[0] / "config.yaml").read_text() == first_config  # untouched by the others
     assert only((tmp_path / "runs" / "cifar").glob("*-test-*")).joinpath("config.yaml").exists()
 
@@ -166,11 +170,14 @@ def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: P
     assert Run.start("fit", root, str(first / "checkpoints" / "last.ckpt")).dir == first  # fit from a run's checkpoint resumes it
 
 
-def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
+def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path, monkeypatch):
     """`test` logs per-class accuracy, a confusion matrix and the most confident mistakes, and writes two PNGs."""
-    test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST], tmp_path)  # untrained
+    monkeypatch.chdir(tmp_path)
+    with app_messages() as said:
+        main(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST])  # untrained
+        wandb.finish()  # as the process's exit would: the run's files complete
     run = only((tmp_path / "runs" / "cifar").glob("*-test-*"))
-    assert f"Test report written to runs/cifar/{run.name}/test_report.json, runs/cifar/{run.name}/confusion_matrix.png" in test.stderr
+    assert f"Test report written to runs/cifar/{run.name}/test_report.json, runs/cifar/{run.name}/confusion_matrix.png" in "\n".join(said)
     assert Image.open(run / "confusion_matrix.png").size[0] > 200
     assert Image.open(run / "test_examples.png").size == (8 * 150, 2 * (96 + 24))  # 12 test images, 8 a row
 
@@ -193,7 +200,8 @@ def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path):
     assert confidences == sorted(confidences, reverse=True)  # most confident first
 
 
-def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path):
+def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path,
+                                                                                   capsys, monkeypatch):  # fmt: skip
     fit = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
                    "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model", "true"], tmp_path)  # fmt: skip
     assert "W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline" in fit.stderr
@@ -204,9 +212,12 @@ def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifac
     assert "log_model: true" in (run / "config.yaml").read_text()  # the user's config, as given
 
     # offline: true in the config wins, and Lightning's WandbLogger refuses log_model with it: one line.
-    refused = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST, "--trainer.logger.init_args.offline",
-                       "true", "--trainer.logger.init_args.log_model", "true"], tmp_path, check=False)  # fmt: skip
-    assert refused.returncode == 2 and "error: log_model with offline: true" in refused.stderr
+    from test_errors import cli_error
+
+    monkeypatch.chdir(tmp_path)
+    refused = cli_error(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST, "--trainer.logger.init_args.offline",
+                         "true", "--trainer.logger.init_args.log_model", "true"], capsys)  # fmt: skip
+    assert refused.startswith("error: log_model with offline: true")
 
 
 FREED_MEMORY_PROBE = """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONFIG, ROOT
+from conftest import CONFIG, CONFIGS, ROOT
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from cifar.cli import main
@@ -46,12 +46,26 @@ def test_configs_cifar_yaml_is_what_the_readme_command_generates(tmp_path, capsy
     assert yaml.safe_load(from_file) == yaml.safe_load(from_generated)
 
 
-def test_configs_cifar_yaml_declares_logger_and_callbacks():
-    config = yaml.safe_load(Path(CONFIG).read_text())
-    assert config["trainer"]["logger"]["class_path"].endswith("WandbLogger")
-    assert "offline" not in config["trainer"]["logger"]["init_args"]  # W&B's own settings decide
-    names = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
-    assert names == ["EarlyStopping", "ModelCheckpoint", "ImagePredictionLogger", "PredictionCSVWriter", "TestReport"]
+def test_every_config_parses_builds_and_takes_a_training_step(one_step_fits):
+    """Each CLI config in configs/ (configs/sweep.yaml is a W&B sweep, with its own test below), as it is: parsed by
+    the real CLI, its trainer, logger, callbacks, model and data built, one training step taken, and its last
+    checkpoint tested (the fixture one_step_fits)."""
+    assert {"cifar", "fast", "fast95", "fast96"} <= set(one_step_fits) and list(one_step_fits) == [c.stem for c in CONFIGS]
+    for name, fit in one_step_fits.items():
+        assert fit.global_step == 1, name
+        assert fit.loggers == ["WandbLogger"], name  # every config logs to W&B
+        assert Path(fit.test["checkpoint"]).name == "last.ckpt" and fit.test["fit_run"], (name, fit.test)
+        assert 0 <= fit.test["metrics"]["test_acc"] <= 1 and fit.test["metrics"]["test_loss"] > 0, (name, fit.test)
+
+
+def test_configs_cifar_yaml_declares_logger_and_callbacks(one_step_fits):
+    """What the CLI builds from configs/cifar.yaml: a W&B logger not told to be offline (W&B's own settings
+    decide), and each of the config's callbacks once, besides the app's own and Lightning's."""
+    built = one_step_fits["cifar"]
+    assert built.loggers == ["WandbLogger"] and built.wandb_offline == [False]
+    declared = ["EarlyStopping", "ModelCheckpoint", "ImagePredictionLogger", "PredictionCSVWriter", "TestReport"]
+    assert {name: built.callbacks.count(name) for name in declared} == dict.fromkeys(declared, 1), built.callbacks
+    assert {"StopOnSignal", "RandomState"} <= set(built.callbacks)  # the app's, always there
 
 
 def sweep_values(spec: dict) -> list:

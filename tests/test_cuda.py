@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, ROOT, make_folder_data, run_cli
+from conftest import CLASSES, ROOT, make_folder_data, only, run_cli
 from lightning.pytorch import Callback
 import test_fault
 from test_hotpath import ScalarReads
@@ -31,11 +31,6 @@ RECIPES = {
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
 
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, OFFICIAL_CLASSES, ROOT, make_official_data
+from conftest import CLASSES, OFFICIAL_CLASSES, cli_env, make_official_data
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
@@ -113,24 +113,26 @@ def test_the_training_orders_seed_goes_into_the_loaders_state(folder_data):
 SPLIT_DIGEST = """
 import hashlib, sys
 from cifar.data import CIFAR10DataModule
-dm = CIFAR10DataModule(sys.argv[1], val_size=10, test_size=5, seed=int(sys.argv[2]))
-dm.setup("fit")
-digest = hashlib.sha256()
-for ds in (dm.val_dataset, dm.test_dataset):
-    digest.update(ds.images.numpy().tobytes()); digest.update(ds.targets.numpy().tobytes())
-print(digest.hexdigest())
+for seed in sys.argv[2:]:
+    dm = CIFAR10DataModule(sys.argv[1], val_size=10, test_size=5, seed=int(seed))
+    dm.setup("fit")
+    digest = hashlib.sha256()
+    for ds in (dm.val_dataset, dm.test_dataset):
+        digest.update(ds.images.numpy().tobytes()); digest.update(ds.targets.numpy().tobytes())
+    print(digest.hexdigest())
 """
 
 
 def test_split_is_the_same_in_every_process_for_the_same_seed(folder_data):
-    def digest(seed: int, hash_seed: str) -> str:
-        env = {"PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed, "PATH": ""}
-        out = subprocess.run([sys.executable, "-c", SPLIT_DIGEST, str(folder_data), str(seed)], env=env,
+    def digests(hash_seed: str, *seeds: int) -> list[str]:
+        env = {"PYTHONPATH": cli_env()["PYTHONPATH"], "PYTHONHASHSEED": hash_seed, "PATH": ""}
+        out = subprocess.run([sys.executable, "-c", SPLIT_DIGEST, str(folder_data), *map(str, seeds)], env=env,
                              capture_output=True, text=True, check=True)  # fmt: skip
-        return out.stdout.strip().splitlines()[-1]
+        return out.stdout.strip().splitlines()[-len(seeds) :]
 
-    assert digest(7, "1") == digest(7, "2")
-    assert digest(7, "1") != digest(8, "1")
+    seven, eight = digests("1", 7, 8)
+    assert digests("2", 7) == [seven]  # another process, another hash seed: the same split
+    assert seven != eight
 
 
 @pytest.fixture

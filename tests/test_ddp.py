@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import time
@@ -14,19 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST, ROOT, cli_command, cli_env, make_folder_data, run_cli
+from conftest import (CLASSES, CONFIG, FAST, FAST_CONFIG, ROOT, app_messages, cli_command, cli_env, make_folder_data,
+                      only, run_cli)
 
 import wandb_records
+from cifar.cli import main
 from cifar.data import EpochShuffle
 
 
 TWO_CORES = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores
-
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
 
 
 def test_each_rank_trains_on_its_own_shard_and_resumes_in_it():
@@ -43,6 +38,20 @@ def test_each_rank_trains_on_its_own_shard_and_resumes_in_it():
     assert epoch_4 != shards[1]  # a new order every epoch
     sampler.skip = (4, 2)  # resumed after 2 samples of this rank's shard: the rest of the same shard
     assert list(sampler) == epoch_4[2:]
+
+
+@contextlib.contextmanager
+def in_process(cwd: Path):
+    """Run one-process commands in this process (no new start-up), in `cwd`, on one thread as each rank has
+    (TWO_CORES); yields the list the app's messages go to."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, app_messages() as said:
+            patch.chdir(cwd)
+            yield said
+    finally:
+        torch.set_num_threads(threads)
 
 
 def csv_metrics(path: Path) -> dict[str, float]:
@@ -88,26 +97,36 @@ def test_ddp_fit_by_torchrun_one_run_same_metrics_by_any_launcher(folder_data: P
     images = [row for row in history if "val/examples/captions" in row]
     assert len(images) == 2  # once per epoch, from rank 0 only
 
-    # The best checkpoint validated by 2 processes and by 1: the same metrics, synced over the ranks.
+    # The best checkpoint validated by 2 processes (Lightning's launcher) and by 1 (this one): the same metrics,
+    # synced over the ranks.
     logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "unused"]
+    said_best = f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}"
     runs = {}
     for name, extra in (("ddp", ddp), ("single", [])):
-        result = run_cli(["validate", *common, *extra, *logger, "--trainer.logger.name", name,
-                          "--ckpt_path", "best"], tmp_path, env=env)  # fmt: skip
-        assert f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}" in result.stderr
+        args = ["validate", *common, *extra, *logger, "--trainer.logger.name", name, "--ckpt_path", "best"]
+        if extra:
+            assert said_best in run_cli(args, tmp_path, env=env).stderr
+        else:
+            with in_process(tmp_path) as said:
+                main(args)
+            assert said_best in "\n".join(said)
         runs[name] = csv_metrics(only((tmp_path / "runs" / "cifar").glob(f"*-validate-*/{name}/version_0/metrics.csv")))
     assert runs["ddp"].keys() == runs["single"].keys() == {"val_loss", "val_acc"}
     for key in runs["ddp"]:
         assert runs["ddp"][key] == pytest.approx(runs["single"][key], rel=1e-6), (key, runs)
     assert runs["ddp"]["val_loss"] == pytest.approx(min(val_loss), rel=1e-6)  # what fit logged for that epoch
 
-    # test from the DDP run's best checkpoint, in 2 processes and in 1: the same overall and per-class
-    # accuracy (TestReport sums the ranks' confusion matrices; 12 test images = 2 x 6, no padding).
+    # test from the DDP run's best checkpoint, in 2 processes (torchrun) and in 1 (this one): the same overall and
+    # per-class accuracy (TestReport sums the ranks' confusion matrices; 12 test images = 2 x 6, no padding).
     tests = {}
     for name, extra in (("ddp", ddp), ("single", [])):
         args = ["test", *common, *extra, *logger, "--trainer.logger.name", name, "--ckpt_path", "best"]
-        result = torchrun(args, tmp_path) if extra else run_cli(args, tmp_path, env=env)
-        assert result.stderr.count(f"--ckpt_path best: runs/cifar/{run.name}/checkpoints/{best}") == 1  # rank 0
+        if extra:
+            assert torchrun(args, tmp_path).stderr.count(said_best) == 1  # rank 0
+        else:
+            with in_process(tmp_path) as said:
+                main(args)
+            assert "\n".join(said).count(said_best) == 1
         metrics = only((tmp_path / "runs" / "cifar").glob(f"*-test-*/{name}/version_0/metrics.csv"))
         assert (metrics.parents[2] / "confusion_matrix.png").is_file()
         tests[name] = {k: float(v) for row in csv.DictReader(metrics.open()) for k, v in row.items() if v}
@@ -117,12 +136,10 @@ def test_ddp_fit_by_torchrun_one_run_same_metrics_by_any_launcher(folder_data: P
     assert len(list((tmp_path / "runs" / "cifar").iterdir())) == 5  # fit, 2 x validate, 2 x test: nothing shared
 
 
-FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
-
-
-def printed_test_metrics(result: subprocess.CompletedProcess) -> dict[str, float]:
-    """The numbers of the table `test` prints (test_acc, test_loss, test_acc/<class>)."""
-    return {k: float(v) for k, v in re.findall(r"│\s*(test_[\w/]+)\s*│\s*([0-9.]+)\s*│", result.stdout)}
+def reported_metrics(root: Path) -> dict[str, float]:
+    """The metrics a `test` run under `root` reports (test_acc, test_loss, test_acc/<class>)."""
+    report = json.loads(only(root.glob("*-test-*/test_report.json")).read_text())
+    return {k: float(v) for k, v in report["metrics"].items()}
 
 
 @pytest.mark.slow
@@ -139,11 +156,16 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
     tests = {}
     for name, extra in (("ddp", ddp), ("single", ["--data.batch_size", "16"])):
         root = ["--trainer.default_root_dir", f"runs/{name}"]
-        run_cli(["fit", *common, *root, *extra], tmp_path, env=TWO_CORES)
+        if name == "ddp":  # 2 processes by Lightning's launcher
+            run_cli(["fit", *common, *root, *extra], tmp_path, env=TWO_CORES)
+        else:
+            with in_process(tmp_path):
+                main(["fit", *common, *root, *extra])
         last = torch.load(only((tmp_path / "runs" / name).glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
         assert (last["epoch"], last["global_step"]) == (3, 4 * 3)  # 48 images / 16 per step, 4 epochs
-        tests[name] = printed_test_metrics(run_cli(["test", *common, *root, "--data.batch_size", "16", "--ckpt_path", "last"],
-                                           tmp_path, env=TWO_CORES))  # fmt: skip
+        with in_process(tmp_path):  # each checkpoint tested by one process, this one
+            main(["test", *common, *root, "--data.batch_size", "16", "--ckpt_path", "last"])
+        tests[name] = reported_metrics(tmp_path / "runs" / name)
     assert tests["ddp"].keys() == tests["single"].keys() >= {"test_acc", "test_loss"}
     assert tests["ddp"]["test_acc"] == pytest.approx(tests["single"]["test_acc"], abs=0.1)  # 12 test images
     assert tests["ddp"]["test_loss"] == pytest.approx(tests["single"]["test_loss"], abs=0.15)  # 0.27 vs 0.35 seen
@@ -155,18 +177,20 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
 def test_a_signal_stops_every_rank_at_one_batch_with_a_checkpoint(sig, to_group, code, tmp_path: Path):
     """Ctrl-C in a terminal (SIGINT to every process) or a scheduler's SIGTERM to the launching process only:
     exit 128 + signal, a checkpoint, every process gone within seconds."""
-    data = make_folder_data(tmp_path / "data", per_class=60, test_per_class=1)
+    data = make_folder_data(tmp_path / "data", per_class=20, test_per_class=1)  # 48 trained on: 12 steps an epoch
+    training = tmp_path / "in-training"  # written by rank 0 at step 15, in the second epoch
     args = ["fit", "--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size", "2",
             "--trainer.max_epochs", "1000", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", "15",
+            "--trainer.callbacks.touch", str(training)]  # fmt: skip
     process = subprocess.Popen(cli_command(args), cwd=tmp_path, env=cli_env(TWO_CORES), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob("runs/cifar/*/checkpoints/last.ckpt")):  # an epoch is done: training is under way
-            assert time.time() < deadline and process.poll() is None, "no checkpoint within 120 s"
-            time.sleep(0.2)
-        time.sleep(1.0)
+        while not training.exists():  # the ranks are training, past the first epoch's checkpoint
+            assert time.time() < deadline and process.poll() is None, f"not at step 15 within 120 s: {process.poll()}"
+            time.sleep(0.1)
         os.killpg(process.pid, sig) if to_group else process.send_signal(sig)
         output = process.communicate(timeout=60)[0]
         deadline = time.time() + 20
@@ -181,4 +205,4 @@ def test_a_signal_stops_every_rank_at_one_batch_with_a_checkpoint(sig, to_group,
     assert f"stopped by {name} before the run finished: checkpoint saved to" in output
     run = only((tmp_path / "runs" / "cifar").iterdir())
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] > (3 * 60 - 12) // 4  # past the first epoch (168 images, 2 ranks x 2 per step)
+    assert saved["global_step"] >= 15  # the stop's checkpoint, not the first epoch's (step 12)

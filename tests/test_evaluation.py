@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from conftest import CONFIG, FAST, OFFICIAL_CLASSES, class_images, make_folder_data, run_cli
+from conftest import CONFIG, FAST, OFFICIAL_CLASSES, class_images, make_folder_data, only, run_cli
 from PIL import Image
 
 import wandb_records
 from cifar.cli import main
 from cifar.data import CIFAR10DataModule, split_indices
 from cifar.module import LitModel
-
-
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
 
 
 def said(caplog) -> str:
@@ -42,7 +36,10 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     data = make_folder_data(tmp_path / "data", per_class=16)  # 48 training images
     shutil.rmtree(data / "test")  # train-only, like the shared JPEGs
     common = ["--config", CONFIG, "--data.data_dir", str(data), *FAST, "--trainer.max_epochs", "1"]
-    run_cli(["fit", *common, "--data.val_size", "12", "--data.test_size", "6"], tmp_path)
+    with monkeypatch.context() as patch:  # the fit in this process, the test below in a new one
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--data.val_size", "12", "--data.test_size", "6"])
+        wandb.finish()  # as the process's exit would
     fit = only((tmp_path / "runs/cifar").glob("*-fit-*"))
     last = torch.load(fit / "checkpoints/last.ckpt", weights_only=True)
     (entry,) = last["run"]["trained_on"]

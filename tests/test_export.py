@@ -7,7 +7,7 @@ from pathlib import Path
 import onnxruntime
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST, run_cli
+from conftest import CLASSES, CONFIG, fitted_copy
 
 from cifar.cli import main
 from cifar.export import EXPORTERS, Probabilities
@@ -16,12 +16,12 @@ from cifar.nets import AirbenchNet
 
 
 @pytest.fixture
-def fitted(folder_data: Path, tmp_path: Path, monkeypatch) -> Path:
-    """A fit of one epoch in tmp_path (the working directory); returns its best checkpoint."""
+def best(fitted, tmp_path: Path, monkeypatch) -> Path:
+    """The shared fit (configs/cifar.yaml, 2 epochs) copied to tmp_path, the working directory; returns its best
+    checkpoint."""
+    run = fitted_copy(fitted, tmp_path).run
     monkeypatch.chdir(tmp_path)
-    run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
-             "--trainer.max_epochs", "1"], tmp_path)  # fmt: skip
-    return next(p for p in (tmp_path / "runs" / "cifar").glob("*-fit-*/checkpoints/*.ckpt") if p.name != "last.ckpt")
+    return next(p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
 
 
 def export(*args: str) -> None:
@@ -41,8 +41,8 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> tuple[torch.Tens
     return torch.jit.load(str(path), _extra_files=extra)(images), json.loads(extra["classes.json"])
 
 
-def test_every_format_gives_the_checkpoints_probabilities_and_class_names(fitted: Path, tmp_path: Path):
-    model = LitModel.load_from_checkpoint(fitted, map_location="cpu", weights_only=True).eval()
+def test_every_format_gives_the_checkpoints_probabilities_and_class_names(best: Path, tmp_path: Path):
+    model = LitModel.load_from_checkpoint(best, map_location="cpu", weights_only=True).eval()
     for fmt in ("onnx", "torch_export", "torchscript"):
         export("--ckpt_path", "best", "--format", fmt, "--output", f"out/model.{fmt}")
         for n in (5, 1):  # not the batch size exported with: the batch axis is free
@@ -52,11 +52,11 @@ def test_every_format_gives_the_checkpoints_probabilities_and_class_names(fitted
                 probs, classes = run_exported(fmt, tmp_path / "out" / f"model.{fmt}", images)
             assert probs.numpy() == pytest.approx(expected.numpy(), abs=1e-5), fmt
             assert classes == CLASSES
-    export("--ckpt_path", str(fitted), "--format", "torch_export")  # no --output: beside the checkpoint
-    assert fitted.with_suffix(".pt2").is_file()
+    export("--ckpt_path", str(best), "--format", "torch_export")  # no --output: beside the checkpoint
+    assert best.with_suffix(".pt2").is_file()
 
 
-def test_export_mistakes_end_in_one_error_line(fitted: Path, tmp_path: Path, capsys):
+def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsys):
     def error(*args: str) -> str:
         with pytest.raises(SystemExit) as stop:
             export(*args)

@@ -9,60 +9,57 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONFIG, cli_command, cli_env, make_folder_data, run_cli
+from conftest import (CONFIG, FAST_CONFIG, app_messages, cli_command, cli_env, fitted_copy, make_folder_data, only,
+                      run_cli)
 
-
-def wait_for(path_glob, root: Path, timeout: float = 120) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = list(root.glob(path_glob))
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError(f"nothing matched {path_glob} under {root} within {timeout} s")
-
-
+STEPS_PER_EPOCH = (3 * 20 - 12) // 2  # 60 images, 12 for validation, batch 2
+STOP_AT = STEPS_PER_EPOCH + 5  # mid-way through the second epoch, after the first epoch's checkpoint
 # The fast recipe's augmentation draws random numbers for each batch before Lightning's stop check: its
 # variant proves that a stop between the draw and the step does not shift the resumed run's draws.
-FAST_RECIPE = ["--config", str(Path(CONFIG).parent / "fast.yaml"), "--trainer.precision", "32",
-               "--model.scheduler.init_args.total_steps", "84000"]  # 1000 epochs: the same schedule in every run
+FAST_RECIPE = ["--config", FAST_CONFIG, "--trainer.precision", "32",  # 1000 epochs: the same schedule in every run
+               "--model.scheduler.init_args.total_steps", str(1000 * STEPS_PER_EPOCH)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("sig", "code", "recipe"), [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, []),
                                                      (signal.SIGKILL, -9, []), (signal.SIGTERM, 143, FAST_RECIPE)],
                          ids=["SIGTERM", "SIGINT", "SIGKILL", "SIGTERM-fast-recipe"])  # fmt: skip
 def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, recipe, tmp_path):
-    """Stop a real fit mid-training; `--ckpt_path last` continues it in the same run, with no batch lost or
-    repeated: the final weights equal those of a run that was never stopped (same seed)."""
-    data = make_folder_data(tmp_path / "data", per_class=60, test_per_class=1)
+    """Stop a real fit mid-training (the process gets the signal at a fixed step, mid-epoch, from
+    signals.SignalAt); `--ckpt_path last` continues it in the same run, with no batch lost or repeated: the final
+    weights equal those of a run that was never stopped (same seed)."""
+    data = make_folder_data(tmp_path / "data", per_class=20, test_per_class=1)
     common = ["--config", CONFIG, *recipe, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size",
               "2", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
               "--trainer.deterministic", "true"]  # fmt: skip
     root = "runs/fast" if recipe else "runs/cifar"
-    process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000"]), cwd=tmp_path,
-                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    wait_for(f"{root}/*-fit-*/checkpoints/last.ckpt", tmp_path)  # an epoch is done: training is under way
-    time.sleep(1.0)
-    process.send_signal(sig)
-    output = process.communicate(timeout=120)[0]
+    signal_at = ["--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", str(STOP_AT),
+                 "--trainer.callbacks.signal", sig.name]  # fmt: skip
+    process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000", *signal_at]),
+                               cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output = process.communicate(timeout=300)[0]
     assert process.returncode == code, output
 
-    run = next((tmp_path / root).glob("*-fit-*"))
+    run = only((tmp_path / root).glob("*-fit-*"))
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] > 0
-    if sig != signal.SIGKILL:
+    if sig == signal.SIGKILL:  # no clean-up: the checkpoint of the first epoch's end
+        assert saved["global_step"] == STEPS_PER_EPOCH and saved["epoch"] == 0
+    else:  # stopped at the next batch boundary, with a checkpoint
+        assert saved["global_step"] == STOP_AT and saved["epoch"] == 1
         assert "resume with --ckpt_path last" in output
 
-    epochs = str(saved["epoch"] + 2)
-    resumed = run_cli(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", epochs], tmp_path)
-    assert f"--ckpt_path last: {root}/{run.name}/checkpoints/last.ckpt" in resumed.stderr
-    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
-    steps_per_epoch = (3 * 60 - 12) // 2
-    assert final["epoch"] == saved["epoch"] + 1
-    assert final["global_step"] == (saved["epoch"] + 2) * steps_per_epoch  # no step lost or counted twice
+    # The resume, then the run never stopped, in this process: nothing of the stopped process is in its memory.
+    from cifar.cli import main
 
-    run_cli(["fit", *common, "--trainer.max_epochs", epochs, "--trainer.default_root_dir", "straight"], tmp_path)
-    straight = torch.load(next((tmp_path / "straight").glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
+    epochs = str(saved["epoch"] + 2)
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", epochs])
+        assert f"--ckpt_path last: {root}/{run.name}/checkpoints/last.ckpt" in "\n".join(said)
+        final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
+        assert final["epoch"] == saved["epoch"] + 1
+        assert final["global_step"] == (saved["epoch"] + 2) * STEPS_PER_EPOCH  # no step lost or counted twice
+        main(["fit", *common, "--trainer.max_epochs", epochs, "--trainer.default_root_dir", "straight"])
+    straight = torch.load(only((tmp_path / "straight").glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
     for name, tensor in straight["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -133,18 +130,17 @@ def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_intact(tmp_path
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
-def test_a_corrupt_newest_checkpoint_is_named_not_used(folder_data, tmp_path, capsys, monkeypatch):
+def test_a_corrupt_newest_checkpoint_is_named_not_used(fitted, tmp_path, capsys, monkeypatch):
     from test_errors import cli_error
 
-    from cifar.cli import main
-
+    fitted_copy(fitted, tmp_path)  # the shared fit, copied here
     monkeypatch.chdir(tmp_path)
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+    common = ["--config", CONFIG, "--data.data_dir", "data", "--data.val_size", "12",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
-    main(["fit", *common, "--trainer.max_epochs", "1"])
-    run = next(Path("runs/cifar").glob("*-fit-*"))
+    run = only(Path("runs/cifar").glob("*-fit-*"))
     for ckpt in ("last", "best"):  # `best`: the file run.json names, which a corrupt last.ckpt does not hide
-        path = run / "checkpoints" / ("last.ckpt" if ckpt == "last" else json.loads((run / "run.json").read_text())["best"])
+        name = "last.ckpt" if ckpt == "last" else json.loads((run / "run.json").read_text())["best"]
+        path = run / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
         message = cli_error(["test", *common, "--ckpt_path", ckpt], capsys)
         assert f"{path} is not a readable Lightning checkpoint" in message
@@ -163,10 +159,17 @@ def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_pat
     assert time.time() - started < 60
 
 
-def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data, tmp_path):
+def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data, tmp_path, monkeypatch):
+    import wandb
+
+    from cifar.cli import main
+
     common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
               "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+    with monkeypatch.context() as patch:  # the first part in this process, the second in a new one
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--trainer.max_epochs", "1"])
+        wandb.finish()  # as the process's exit would
     run_cli(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], tmp_path)
     (run,) = (tmp_path / "runs" / "cifar").glob("*-fit-*")
     parts = sorted((run / "wandb").glob("offline-run-*"))
@@ -184,7 +187,7 @@ def test_fast_recipe_resumed_without_its_seed_ends_with_the_same_weights(folder_
     from cifar.cli import main
 
     monkeypatch.chdir(tmp_path)
-    common = ["--config", str(Path(CONFIG).parent / "fast.yaml"), "--data.data_dir", str(folder_data),
+    common = ["--config", FAST_CONFIG, "--data.data_dir", str(folder_data),
               "--data.val_size", "0", "--data.batch_size", "16", "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--model.scheduler.init_args.total_steps", "12"]  # 4 epochs x 3 steps, whatever max_epochs says

@@ -1,16 +1,12 @@
 """The training hot path, checked on the CPU for what would cost on a GPU: host syncs per step, where a batch's
 index lives, ops with no deterministic CUDA backward, `model.compile` recompiles, per-batch augmentation draws."""
 
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIG
+from conftest import FAST_CONFIG
 from lightning.pytorch import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
-
-FAST_CONFIG = str(Path(CONFIG).parent / "fast.yaml")
-
 
 class ScalarReads(TorchDispatchMode):
     """Counts tensor -> Python number conversions (`.item()`, `float(t)`, `if t:`): on a GPU each is a host sync,

@@ -5,16 +5,17 @@ import re
 
 import pytest
 import torch
-from conftest import CONFIG, run_cli
+from conftest import CONFIG, app_messages
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from cifar.cli import main
 from cifar.data import CIFAR10DataModule
 from cifar.module import LitModel
 from cifar.nets import TutorialCNN
 
 
-def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data, tmp_path):
+def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data, tmp_path, capsys):
     model = LitModel(net=TutorialCNN(num_classes=3), num_classes=3)  # and the default optimizer, a lambda
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints")
     trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[checkpoint])
@@ -31,13 +32,14 @@ def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images), model.eval()(images))
 
-    test = run_cli(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
-                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(path)],
-                   tmp_path)  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:  # the CLI, in this process
+        patch.chdir(tmp_path)
+        main(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(path)])  # fmt: skip
     # The CLI tests the very model: its printed accuracy is this model's on the data's test split.
     data.setup("test")
     with torch.no_grad():
         right = model(data.test_dataset.images).argmax(-1) == data.test_dataset.targets
-    printed = float(re.search(r"test_acc\s*│\s*([0-9.]+)", test.stdout)[1])
+    printed = float(re.search(r"test_acc\s*│\s*([0-9.]+)", capsys.readouterr().out)[1])
     assert printed == pytest.approx(right.float().mean().item(), abs=1e-6)
-    assert "carries no record of its training data" in test.stderr  # written outside the CLI: said, not refused
+    assert "carries no record of its training data" in "\n".join(said)  # written outside the CLI: said, not refused

@@ -1,5 +1,6 @@
 """The fast recipe's parts (configs/fast.yaml), each on tiny data: nets, Muon, schedule, augmentation, TTA."""
 
+import json
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, run_cli
+from conftest import CLASSES, FAST_CONFIG, ROOT, only
 from lightning.pytorch import Callback, Trainer
 
 from cifar.cli import main
@@ -18,8 +19,6 @@ from cifar.module import LitModel
 from cifar.nets import AirbenchNet, TutorialCNN
 from cifar.optim import Muon, PiecewiseLinearLR, orthogonalize
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
 TINY = ["--data.batch_size", "16", "--data.val_size", "12", "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false", "--trainer.precision", "32"]  # fmt: skip
 
@@ -352,27 +351,19 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     assert schedule["total_steps"] == ckpt["last.ckpt"]["global_step"] == 4 * 5  # 66 train images / 16 per batch
     assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the last step
 
-    test = run_cli(["test", *common, "--ckpt_path", "last"], tmp_path)
-    assert "test_acc" in test.stdout
+    main(["test", *common, "--ckpt_path", "last"])  # with TTA on the least confident quarter
+    report = json.loads(only(Path("runs/fast").glob("*-test-*/test_report.json")).read_text())
+    dm = CIFAR10DataModule(str(data), val_size=12, test_size=6)  # the split typed in `common`: 6 test images
+    dm.setup("test")
+    model = LitModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    with torch.no_grad():  # one batch of 6: the least confident quarter of the batch, as the test step has it
+        right = model.evaluate(dm.test_dataset.images, 0.25).argmax(-1) == dm.test_dataset.targets
+    assert report["metrics"]["test_acc"] == pytest.approx(right.float().mean().item())
 
 
-def fit_one_epoch_and_test(config: str, tmp_path: Path, monkeypatch) -> dict:
-    """configs/<config>.yaml fitted for one epoch on tiny data, then `test --ckpt_path last` in a new process;
-    returns the last checkpoint's weights."""
-    from conftest import make_folder_data
-
-    data = make_folder_data(tmp_path / "data", per_class=12)
-    monkeypatch.chdir(tmp_path)
-    common = ["--config", str(ROOT / "configs" / f"{config}.yaml"), "--data.data_dir", str(data), *TINY]
-    main(["fit", *common, "--data.val_size", "6", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"])
-    (run,) = Path(f"runs/{config}").glob("*-fit*")
-    assert "test_acc" in run_cli(["test", *common[:2], "--ckpt_path", "last", *TINY], tmp_path).stdout
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-
-
-def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, monkeypatch):
+def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(one_step_fits):
     """configs/fast95.yaml: fast.yaml's recipe (optimizer, schedule, augmentation, TTA) with the net's widths
-    128/384/384 and 15 epochs; it fits and tests end to end (one epoch here)."""
+    128/384/384 and 15 epochs; it builds that net, fits and tests end to end (one step here: one_step_fits)."""
     import yaml
 
     fast, fast95 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast.yaml", "fast95.yaml"))
@@ -383,13 +374,13 @@ def test_the_95_percent_config_is_the_fast_recipe_wider_and_longer(tmp_path, mon
         fast["trainer"].pop(key)
     assert fast95 == fast  # nothing else differs
 
-    weights = fit_one_epoch_and_test("fast95", tmp_path, monkeypatch)
-    assert weights["classifier.net.head.weight"].shape == (len(CLASSES), 384)
+    shapes = one_step_fits["fast95"].shapes  # the fitted model's weights
+    assert shapes["classifier.net.head.weight"] == (len(CLASSES), 384)
 
 
-def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(tmp_path, monkeypatch):
+def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(one_step_fits):
     """configs/fast96.yaml: fast95.yaml with airbench96's net (128/384/512, 3 convs a group), 4-pixel shifts,
-    12-pixel cutout and more epochs; it fits, and a new process tests its checkpoint."""
+    12-pixel cutout and more epochs; it builds that net, fits, and its checkpoint tests (one step: one_step_fits)."""
     import yaml
 
     fast95, fast96 = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("fast95.yaml", "fast96.yaml"))
@@ -405,9 +396,9 @@ def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(tm
     fast95["data"].pop("translate")
     assert fast96 == fast95  # nothing else differs
 
-    weights = fit_one_epoch_and_test("fast96", tmp_path, monkeypatch)
-    assert weights["classifier.net.head.weight"].shape == (len(CLASSES), 512)
-    assert weights["classifier.net.layers.3.4.3.weight"].shape == (512, 512, 3, 3)  # the third conv of group 3
+    shapes = one_step_fits["fast96"].shapes  # the fitted model's weights
+    assert shapes["classifier.net.head.weight"] == (len(CLASSES), 512)
+    assert shapes["classifier.net.layers.3.4.3.weight"] == (512, 512, 3, 3)  # the third conv of group 3
 
 
 def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(folder_data, tmp_path, monkeypatch, capsys):
@@ -460,9 +451,13 @@ def test_data_moves_to_the_accelerator_once(folder_data, monkeypatch):
     assert off.train_dataset.images.device.type == "cpu"
 
 
-def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
+def test_a_training_step_never_reads_a_tensor_back_to_the_host():
     """The hot path (batch augmentation, forward, metric updates, backward, Muon step) and an evaluation
-    step with TTA: any `.item()`, `.tolist()` or `if tensor:` there would be a GPU sync every step."""
+    step with TTA on the least confident quarter: any read of a tensor's value on the host there (`.item()`,
+    `.tolist()`, `if tensor:`, or one inside an op: `aten._local_scalar_dense`, counted as tests/test_hotpath.py
+    counts them for a whole fit) would be a GPU sync every step."""
+    from test_hotpath import ScalarReads
+
     model = LitModel(AirbenchNet(num_classes=3, widths=(8, 16, 16)), num_classes=3, tta=2, tta_fraction=0.25)
     dm = CIFAR10DataModule("unused", flip="random", translate=2, brightness=0.1, contrast=0.1)
     dm.augment.pixel_mean, dm.augment.pixel_std = torch.full((3,), 120.0), torch.full((3,), 60.0)
@@ -470,15 +465,11 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
     optimizer = Muon(model.parameters(), lr=0.1, bias_lr=0.1, head_lr=0.1)
     batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))
 
-    def sync(*args):
-        raise AssertionError("a tensor was read on the host")
-
-    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
-    loss, _ = model._step(dm.on_after_batch_transfer(batch, 0), "train")
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        model._step(batch, "val")
-    monkeypatch.undo()
+    with ScalarReads() as reads:
+        loss, _ = model._step(dm.on_after_batch_transfer(batch, 0), "train")
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model._step(batch, "val")
+    assert reads.count == 0
     assert model.scores["train_scores"]["acc"].compute().item() >= 0 and model.losses["val_loss"].compute().item() > 0

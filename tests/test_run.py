@@ -2,7 +2,6 @@
 taking --config and --ckpt_path, one writer per run, and what a resumed fit and a signal do."""
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,28 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONFIG, FAST, ROOT, cli_command, cli_env, make_folder_data, run_cli
+from conftest import CONFIG, FAST_CONFIG, cli_command, cli_env, fitted_copy, only, run_cli
 
 import wandb_records
 from cifar.cli import main
 from cifar.stopping import Stopped, StopOnSignal
 
-FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
 CALLBACKS_MISSING = "callbacks used to create the checkpoint need to be provided"  # Lightning's warning
 
 
-def only(paths) -> Path:
-    paths = list(paths)
-    assert len(paths) == 1, paths
-    return paths[0]
-
-
-def test_the_design_cards_two_commands_as_written_then_the_tools_with_the_same_options(tmp_path: Path, capsys):
-    """`fit --config configs/cifar.yaml`, then in a new process `test --ckpt_path best` with no --config: a
-    W&B-logged test with its report, from the run's own config. Then export and serve take the same options."""
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
-    make_folder_data(tmp_path / "data")  # configs/cifar.yaml reads data/: train/ and test/ image folders
-    fit = run_cli(["fit", "--config", "configs/cifar.yaml", "--data.val_size", "12", *FAST], tmp_path)
+def test_the_design_cards_two_commands_as_written_then_the_tools_with_the_same_options(fitted, tmp_path: Path, capsys):
+    """`fit --config configs/cifar.yaml` (the shared fit, `fitted`, in a folder with configs/ and data/), then in a
+    new process `test --ckpt_path best` with no --config: a W&B-logged test with its report, from the run's own
+    config. Then export and serve take the same options."""
+    fit = fitted_copy(fitted, tmp_path).fit
     test = run_cli(["test", "--ckpt_path", "best"], tmp_path)  # literally
 
     fit_run = only((tmp_path / "runs/cifar").glob("*-fit-*"))
@@ -125,20 +116,22 @@ def wait_for(condition, what: str, process: subprocess.Popen, seconds: float = 1
         time.sleep(0.2)
 
 
-def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(tmp_path: Path):
+def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(folder_data: Path, tmp_path: Path, monkeypatch):
     """Two `fit --ckpt_path last` of one run at once: the second stops in one line naming the first (host, pid)
-    and writes nothing; once the first is killed (SIGKILL: no clean-up), the run resumes."""
-    data = make_folder_data(tmp_path / "data", per_class=40, test_per_class=1)
-    common = ["--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size", "4",
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    run_cli(["fit", *common, "--trainer.max_epochs", "1"], tmp_path)
+    and writes nothing; once the first is killed (SIGKILL: no clean-up), the run resumes, and a SIGTERM at its
+    3rd step (signals.SignalAt) stops it there with a checkpoint."""
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
+              "8", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    with monkeypatch.context() as patch:  # the run's first epoch in this process (5 steps), which keeps no lock
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--trainer.max_epochs", "1"])
     run = only((tmp_path / "runs/cifar").iterdir())
     starts = lambda: len(json.loads((run / "run.json").read_text())["starts"])  # noqa: E731
     resume = ["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", "100000",
               "--trainer.check_val_every_n_epoch", "100000"]  # no validation: EarlyStopping never stops it  # fmt: skip
 
-    def start() -> subprocess.Popen:
-        return subprocess.Popen(cli_command(resume), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(cli_command([*resume, *extra]), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
     first = start()
@@ -152,14 +145,15 @@ def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(tmp_path: Path
         assert starts() == 2 and not list(run.glob("config-resume-3.yaml"))
         first.kill()  # its lock goes with it
         first.wait(timeout=30)
-        third = start()
+        third = start("--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", "8",
+                      "--trainer.callbacks.signal", "SIGTERM")  # in training: a SIGTERM stops at a batch  # fmt: skip
         try:
-            wait_for(lambda: starts() == 3, "the resume after a killed writer", third)
-            assert (run / "config-resume-2.yaml").is_file() and (run / "config-resume-3.yaml").is_file()
-            time.sleep(2)  # into training, where a SIGTERM stops at a batch with a checkpoint
-            third.send_signal(signal.SIGTERM)
-            assert third.wait(timeout=60) == 143
+            output = third.communicate(timeout=120)[0]
+            assert third.returncode == 143, output
         finally:
             third.kill()
+        assert starts() == 3, output
+        assert (run / "config-resume-2.yaml").is_file() and (run / "config-resume-3.yaml").is_file()
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8, output
     finally:
         first.kill()

@@ -2,6 +2,7 @@
 and its web page driven in headless Chromium (Debian's chromium and chromium-driver)."""
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -16,11 +17,15 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST, cli_command, cli_env, run_cli
+from conftest import CLASSES, CONFIG, app_messages, cli_command, cli_env, fitted_copy, only
 from PIL import Image
+
+from cifar.cli import main
 
 BOUNDARY = "cifar-test-boundary"
 
@@ -46,15 +51,13 @@ def multipart(parts: list[tuple[str, str, bytes]]) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A fit of one epoch on 3 classes, then `main.py serve --ckpt_path best` on a free loopback port. Batches wait
-    0.2 s for requests, so requests sent together share one."""
-    from conftest import make_folder_data
-
-    root = tmp_path_factory.mktemp("serve")
-    data = make_folder_data(root / "data")
-    run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(data), "--data.val_size", "12", *FAST,
-             "--trainer.max_epochs", "1"], root)  # fmt: skip
+def server(fitted, tmp_path_factory):
+    """The shared fit (`fitted`: configs/cifar.yaml, 2 epochs on 3 classes) copied, then `main.py serve --ckpt_path
+    best` in it on a free loopback port. Batches wait 0.2 s for requests, so requests sent together share one.
+    Fields: url, root (the copy, the server's working directory), data (its images), pid (the server's process,
+    which leads its own process group)."""
+    copy = fitted_copy(fitted, tmp_path_factory.mktemp("serve"))
+    root = copy.root
     port = free_port()
     log = open(root / "serve.log", "w")
     command = cli_command(["serve", "--ckpt_path", "best", "--port", str(port), "--top", "3", "--batch_timeout", "0.2"])
@@ -72,12 +75,15 @@ def server(tmp_path_factory):
             time.sleep(0.5)
         else:
             raise AssertionError(f"no /health in 60 s:\n{(root / 'serve.log').read_text()}")
-        yield url, root, data
+        yield SimpleNamespace(url=url, root=root, data=copy.data, pid=process.pid)
     finally:  # SIGTERM, as `kill` or a service manager stops it: every process of the server ends
         process.terminate()
         process.wait(timeout=30)
-        time.sleep(2)
-        left = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+        deadline = time.time() + 2
+        while (left := subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()):
+            if time.time() > deadline:  # the others get 2 s after the main process
+                break
+            time.sleep(0.1)
         if left:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
@@ -94,7 +100,7 @@ def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
 
 
 def test_serve_answers_what_predict_computes_in_both_request_forms(server, tmp_path):
-    url, root, data = server
+    url = server.url
     info = json.loads(urllib.request.urlopen(f"{url}/info").read())["model"]
     assert info["classes"] == CLASSES and info["checkpoint"].endswith(".ckpt") and info["max_images"] == 16
     assert info["net"] == "TutorialCNN" and info["precision"] == "32-true" and info["tta"] == 0
@@ -107,10 +113,12 @@ def test_serve_answers_what_predict_computes_in_both_request_forms(server, tmp_p
     folder.mkdir()
     for name, blob in images.items():
         (folder / name).write_bytes(blob)
-    predict = run_cli(["predict", "--config", CONFIG, "--ckpt_path", "best", "--data.predict_dir", str(folder),
-                       "--trainer.logger", "false"], root)  # fmt: skip
-    written = re.search(r"Predictions for 3 images written to (\S+)", predict.stdout + predict.stderr).group(1)
-    rows = csv.DictReader(open(root / written))
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:  # in this process: no second start-up
+        patch.chdir(server.root)
+        main(["predict", "--config", CONFIG, "--ckpt_path", "best", "--data.predict_dir", str(folder),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    written = re.search(r"Predictions for 3 images written to (\S+)", "\n".join(said)).group(1)
+    rows = csv.DictReader(open(server.root / written))
     expected = {Path(r["file"]).name: {c: float(r[f"p_{c}"]) for c in CLASSES} for r in rows}
 
     names = sorted(images)
@@ -152,7 +160,7 @@ def assert_refused(case: str, status: int, answer: dict) -> None:
 
 
 def test_bad_requests_get_one_line_json_errors_and_the_server_keeps_serving(server):
-    url, _, _ = server
+    url = server.url
     for case, (body, content_type, _, _) in BAD.items():
         assert_refused(case, *post(url, body, content_type))
     status, answer = post(url, multipart([("images", "ok.png", png((5, 5, 5)))]), FORM)
@@ -162,7 +170,7 @@ def test_bad_requests_get_one_line_json_errors_and_the_server_keeps_serving(serv
 def test_a_bad_request_fails_only_itself_not_the_requests_batched_with_it(server):
     """Good and bad requests sent together (the server's batches wait 0.2 s for more): each good one is answered
     as when sent alone, each bad one with its own error."""
-    url, _, _ = server
+    url = server.url
     good = [multipart([("images", f"{i}.png", png((40 * i, 200 - 40 * i, 90)))] * (i + 1)) for i in range(4)]
     alone = [post(url, body, FORM) for body in good]
     assert all(status == 200 for status, _ in alone) and [len(a["predictions"]) for _, a in alone] == [1, 2, 3, 4]
@@ -183,7 +191,7 @@ def test_a_bad_request_fails_only_itself_not_the_requests_batched_with_it(server
 
 
 def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_path):
-    url, _, _ = server
+    url = server.url
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         assert os.environ.get("CI") != "true", "CI must run the browser test: apt-get install chromium chromium-driver"
@@ -216,44 +224,73 @@ def test_the_web_page_classifies_a_chosen_image_in_a_real_browser(server, tmp_pa
         browser.quit()
 
 
-def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_mixed(server):
+def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_mixed(server, tmp_path):
     """`--precision bf16-mixed` (configs/fast.yaml's trainer.precision), in-process: the LitAPI's own steps, on a
-    batch of two requests (2 images and 1) and on one request unbatched (`--max_batch_size 1`)."""
+    batch of two requests (2 images and 1) and on one request unbatched (`--max_batch_size 1`), give the
+    probabilities the `predict` command writes with the same `--trainer.precision` for the same images (its CSV;
+    the 3 images in one batch, and the request's 2 alone), in bf16 as in 32-bit."""
     from cifar.serve import ClassifierAPI, images_of
 
-    _, root, _ = server
-    ckpt = next((root / "runs" / "cifar").glob("*-fit-*/checkpoints/last.ckpt"))
-    request = {"images": [base64.b64encode(png((200, 10, 10))).decode(), base64.b64encode(png((9, 9, 9))).decode()]}
-    other = {"images": [base64.b64encode(png((10, 10, 200))).decode()]}
+    ckpt = only(server.root.glob("runs/cifar/*-fit-*/checkpoints/last.ckpt"))
+    blobs = [png((200, 10, 10)), png((9, 9, 9)), png((10, 10, 200))]
+
+    def predicted(precision: str, count: int) -> torch.Tensor:
+        """The probabilities `predict --trainer.precision PRECISION` writes for the first `count` images."""
+        folder = tmp_path / f"{precision}-{count}"
+        (folder / "images").mkdir(parents=True)
+        for i, blob in enumerate(blobs[:count]):
+            (folder / "images" / f"{i}.png").write_bytes(blob)  # file order: the requests' order
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path)
+            main(["predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.data_dir", str(server.data),
+                  "--data.predict_dir", str(folder / "images"), "--trainer.precision", precision,
+                  "--trainer.default_root_dir", str(folder / "runs"), "--trainer.logger", "false",
+                  "--trainer.enable_progress_bar", "false"])  # fmt: skip
+        rows = list(csv.DictReader(only((folder / "runs").glob("*-predict-*/predictions.csv")).open()))
+        assert [Path(row["file"]).name for row in rows] == [f"{i}.png" for i in range(count)]
+        return torch.tensor([[float(row[f"p_{c}"]) for c in CLASSES] for row in rows])
+
+    request = {"images": [base64.b64encode(blob).decode() for blob in blobs[:2]]}
+    other = {"images": [base64.b64encode(blobs[2]).decode()]}
     probs = {}
     for precision in ("32-true", "bf16-mixed"):
         api = ClassifierAPI(ckpt, top=3, max_batch_size=64, batch_timeout=0.0, precision=precision)
         api.setup("cpu")
         x, y = (api.decode_request(images_of(r, max_images=16).numpy()) for r in (request, other))
-        probs[precision], other_probs = api.unbatch(api.predict(api.batch([x, y])))
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            expected, expected_alone = api.model(torch.cat([x, y])).float(), api.model(x).float()
-        assert torch.equal(torch.cat([probs[precision], other_probs]), expected) and len(other_probs) == 1
-        assert torch.equal(api.predict(x), expected_alone)  # unbatched: the request's own images
-    assert not torch.equal(probs["32-true"], probs["bf16-mixed"])
-    assert torch.allclose(probs["32-true"], probs["bf16-mixed"], atol=0.02)
+        batched, other_probs = api.unbatch(api.predict(api.batch([x, y])))
+        assert len(batched) == 2 and len(other_probs) == 1
+        probs[precision] = torch.cat([batched, other_probs])
+        # The CSV holds 6 decimals.
+        torch.testing.assert_close(probs[precision], predicted(precision, 3), rtol=0, atol=2e-6)
+        torch.testing.assert_close(api.predict(x), predicted(precision, 2), rtol=0, atol=2e-6)  # unbatched
+    difference = (probs["32-true"] - probs["bf16-mixed"]).abs().max().item()
+    assert 1e-4 < difference < 0.02  # bf16 ran, far past the CSV's rounding, and only rounded
 
 
-def test_uploads_stay_in_memory():
-    """Starlette spools an upload over 1 MB to a temporary file; with cifar.serve loaded (as in the server's
-    processes) one up to the request limit stays in memory: LitServe, which cifar.serve imports, keeps it there."""
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-    from starlette.testclient import TestClient
+def written(group: int) -> int:
+    """The bytes the processes of a process group have written so far, to files, pipes or sockets (`wchar` of
+    /proc/<pid>/io)."""
+    total = 0
+    for pid in subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int(re.search(r"wchar: (\d+)", Path(f"/proc/{pid}/io").read_text())[1])
+    return total
 
-    import cifar.serve
 
-    async def spooled(request):
-        upload = (await request.form())["images"]
-        return JSONResponse({"on_disk": upload.file._rolled, "size": len(await upload.read())})
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="reads /proc/<pid>/io (Linux)")
+def test_uploads_stay_in_memory(server):
+    """Starlette spools an upload over 1 MB to a temporary file; the server keeps one up to its request limit in
+    memory (cifar/serve.py relies on LitServe for it): a 6 MB image uploaded to the running server is answered,
+    and none of the server's processes wrote anything near its size while they read it."""
+    from cifar.serve import MAX_REQUEST_BYTES
 
-    client = TestClient(Starlette(routes=[Route("/", spooled, methods=["POST"])]))
-    size = cifar.serve.MAX_REQUEST_BYTES - 2**16  # room for the multipart headers
-    answer = client.post("/", files={"images": ("big.png", b"x" * size)}).json()
-    assert answer == {"on_disk": False, "size": size}
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)  # incompressible
+    Image.fromarray(noise).save(buffer, "PNG", compress_level=1)
+    big = buffer.getvalue()
+    assert 5 * 2**20 < len(big) < MAX_REQUEST_BYTES - 2**16  # room for the multipart headers
+    before = written(server.pid)
+    status, answer = post(server.url, multipart([("images", "big.png", big)]), FORM)
+    after = written(server.pid)
+    assert status == 200 and len(answer["predictions"]) == 1, answer
+    assert after - before < 2**20, f"the server wrote {after - before} bytes while it read a {len(big)}-byte upload"
