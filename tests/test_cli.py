@@ -1,4 +1,5 @@
-"""The real CLI in subprocesses: fit -> test --ckpt_path best -> predict, in both data formats."""
+"""The real CLI: fit -> `test --ckpt_path best` in new processes -> predict, in both data formats; the offline W&B
+run; runs started together; the test report; W&B without an API key."""
 
 import csv
 import json
