@@ -36,7 +36,10 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, recipe, tmp_pat
                  "--trainer.callbacks.signal", sig.name]  # fmt: skip
     process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000", *signal_at]),
                                cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    output = process.communicate(timeout=300)[0]
+    try:
+        output = process.communicate(timeout=300)[0]
+    finally:
+        process.kill()  # if it never stopped
     assert process.returncode == code, output
 
     run = only((tmp_path / root).glob("*-fit-*"))
