@@ -171,8 +171,8 @@ def run_cli(args: list[str], cwd: Path, checksums: dict | None = None, env: dict
 
 
 def wandb_env(root: Path) -> dict:
-    """hermetic_wandb's settings for a subprocess started outside a test (by a session fixture): W&B's settings
-    and cache under `root`, and nothing an in-process run of this session left in os.environ."""
+    """hermetic_wandb's settings, for a session fixture (which runs outside any test's monkeypatch): W&B's
+    settings and cache under `root`, W&B's own mode, and nothing an in-process run left in os.environ."""
     return {"WANDB_CONFIG_DIR": str(root / ".wandb-config"), "WANDB_CACHE_DIR": str(root / ".wandb-cache"),
             "WANDB_DATA_DIR": str(root / ".wandb-data"), "WANDB_MODE": None, "WANDB_SERVICE": None,
             "PL_GLOBAL_SEED": None}  # fmt: skip
@@ -183,22 +183,24 @@ SECRET = "fake-api-key-0123456789abcdef0123456789abcdef"  # a W&B API key that m
 
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory) -> SimpleNamespace:
-    """One fit shared by the tests that evaluate, predict with, export, serve or resume a fitted run: the design
-    card's `fit --config configs/cifar.yaml` in a folder holding configs/ and data/ (3 classes, 48 training
-    images: 12 validation, 36 trained on at batch 8, 5 steps an epoch; 12 test images), 2 epochs (FAST), in
-    a new process, by a user with an API key who chose offline mode (WANDB_MODE=offline).
+    """One fit shared by the tests that evaluate, predict with, export or serve a fitted run: the design card's
+    `fit --config configs/cifar.yaml` in a folder holding configs/ and data/ (3 classes, 48 training images: 12
+    validation, 36 trained on at batch 8, 5 steps an epoch; 12 test images), 2 epochs (FAST), in a new process,
+    by a user with an API key who chose offline mode (WANDB_MODE=offline).
 
     Treat it as read-only: a test that runs a command in it (which adds a run, or writes beside a checkpoint)
     works on a copy, `fitted_copy(fitted, tmp_path)`. Fields: root (the folder, the fit's working directory),
-    data (root/data), run (its run directory), fit (the CompletedProcess), env (its environment, less the key).
+    data (root/data), run (its run directory), fit (the CompletedProcess).
+
+    Not for a test that resumes the run: a copy resumes into `last-v1.ckpt`, not `last.ckpt` (the checkpoint's
+    ModelCheckpoint state names the folder it was saved in; moved, Lightning forgets its `last_model_path`).
     """
     root = tmp_path_factory.mktemp("fitted")
     shutil.copytree(ROOT / "configs", root / "configs")
     data = make_folder_data(root / "data")  # configs/cifar.yaml reads data/: train/ and test/ image folders
-    env = wandb_env(root)
     fit = run_cli(["fit", "--config", "configs/cifar.yaml", "--data.val_size", "12", *FAST], root,
-                  env={**env, "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"})  # fmt: skip
-    return SimpleNamespace(root=root, data=data, run=only((root / "runs" / "cifar").glob("*-fit-*")), fit=fit, env=env)
+                  env={**wandb_env(root), "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"})  # fmt: skip
+    return SimpleNamespace(root=root, data=data, run=only((root / "runs" / "cifar").glob("*-fit-*")), fit=fit)
 
 
 def fitted_copy(fitted: SimpleNamespace, where: Path) -> SimpleNamespace:
@@ -206,7 +208,7 @@ def fitted_copy(fitted: SimpleNamespace, where: Path) -> SimpleNamespace:
     `fitted` pointing into it: run directories and checkpoints name their paths relative to the folder."""
     shutil.copytree(fitted.root, where, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".wandb-*"))
     return SimpleNamespace(root=where, data=where / "data", run=where / fitted.run.relative_to(fitted.root),
-                           fit=fitted.fit, env=fitted.env)  # fmt: skip
+                           fit=fitted.fit)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

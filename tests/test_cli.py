@@ -1,4 +1,5 @@
-"""The real CLI in subprocesses: fit -> test --ckpt_path best -> predict, in both data formats."""
+"""The real CLI: fit -> `test --ckpt_path best` in new processes -> predict, in both data formats; the offline W&B
+run; runs started together; the test report; W&B without an API key."""
 
 import csv
 import json
@@ -13,6 +14,7 @@ import wandb
 from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, SECRET, app_messages, cli_command, cli_env, fitted_copy,
                       make_official_data, only, run_cli)
 from PIL import Image
+from torchvision.datasets import CIFAR10
 
 import wandb_records
 from cifar.cli import main
@@ -63,10 +65,18 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     Image.new("L", (16, 16), 90).save(mine / "gray.jpg")
     Image.new("RGBA", (33, 31), (0, 0, 255, 128)).save(mine / "blue.png")
     (mine / "README.txt").write_text("not an image")
-    predict = run_cli(["predict", *common, "--ckpt_path", "best", "--data.predict_dir", str(mine)], tmp_path, checksums,
-                      env=key)  # fmt: skip
-    where = re.search(r"Predictions for 3 images written to (\S+)", predict.stdout + predict.stderr)
-    assert where, predict.stdout + predict.stderr
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:  # in this process: no third start-up
+        patch.chdir(tmp_path)
+        for name, value in key.items():
+            patch.setenv(name, value)
+        if checksums:
+            patch.setattr(CIFAR10, "train_list", checksums["train_list"])
+            patch.setattr(CIFAR10, "test_list", checksums["test_list"])
+            patch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": checksums["meta_md5"]})
+        main(["predict", *common, "--ckpt_path", "best", "--data.predict_dir", str(mine)])
+        wandb.finish()  # as the process's exit would: the run's files complete
+    where = re.search(r"Predictions for 3 images written to (\S+)", "\n".join(said))
+    assert where, said
     rows = list(csv.DictReader(open(tmp_path / where.group(1))))
     assert [Path(r["file"]).name for r in rows] == ["blue.png", "gray.jpg", "red.png"]
     assert list(rows[0]) == ["file", "predicted", "confidence", *[f"p_{c}" for c in classes]]

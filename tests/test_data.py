@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import os
 import pickle
 import shutil
 import subprocess
@@ -110,29 +111,26 @@ def test_the_training_orders_seed_goes_into_the_loaders_state(folder_data):
     assert old.sampler.seed == 2 and not torch.equal(images(old), images(saved))
 
 
-SPLIT_DIGEST = """
-import hashlib, sys
-from cifar.data import CIFAR10DataModule
-for seed in sys.argv[2:]:
-    dm = CIFAR10DataModule(sys.argv[1], val_size=10, test_size=5, seed=int(seed))
+def split_digest(data_dir: str, seed: int) -> str:
+    """A digest of the validation and test images and labels that the split with this seed holds out."""
+    dm = CIFAR10DataModule(data_dir, val_size=10, test_size=5, seed=seed)
     dm.setup("fit")
     digest = hashlib.sha256()
     for ds in (dm.val_dataset, dm.test_dataset):
-        digest.update(ds.images.numpy().tobytes()); digest.update(ds.targets.numpy().tobytes())
-    print(digest.hexdigest())
-"""
+        digest.update(ds.images.numpy().tobytes())
+        digest.update(ds.targets.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def test_split_is_the_same_in_every_process_for_the_same_seed(folder_data):
-    def digests(hash_seed: str, *seeds: int) -> list[str]:
-        env = {"PYTHONPATH": cli_env()["PYTHONPATH"], "PYTHONHASHSEED": hash_seed, "PATH": ""}
-        out = subprocess.run([sys.executable, "-c", SPLIT_DIGEST, str(folder_data), *map(str, seeds)], env=env,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        return out.stdout.strip().splitlines()[-len(seeds) :]
-
-    seven, eight = digests("1", 7, 8)
-    assert digests("2", 7) == [seven]  # another process, another hash seed: the same split
-    assert seven != eight
+    """The split in a new process with another string hash seed (PYTHONHASHSEED) is this process's."""
+    here = os.environ.get("PYTHONHASHSEED")  # unset or "random": this process's hash seed is random
+    other = "2" if here == "1" else "1"
+    script = f"from test_data import split_digest; print(split_digest({str(folder_data)!r}, 7))"
+    env = {"PYTHONPATH": cli_env()["PYTHONPATH"], "PYTHONHASHSEED": other, "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == split_digest(str(folder_data), 7)
+    assert split_digest(str(folder_data), 7) != split_digest(str(folder_data), 8)
 
 
 @pytest.fixture

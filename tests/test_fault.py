@@ -12,7 +12,7 @@ import torch
 from conftest import (CONFIG, FAST_CONFIG, app_messages, cli_command, cli_env, fitted_copy, make_folder_data, only,
                       run_cli)
 
-STEPS_PER_EPOCH = (3 * 20 - 12) // 2  # 60 images, 12 for validation, batch 2
+STEPS_PER_EPOCH = (3 * 20 - 12) // 4  # 60 images, 12 for validation, batch 4
 STOP_AT = STEPS_PER_EPOCH + 5  # mid-way through the second epoch, after the first epoch's checkpoint
 # The fast recipe's augmentation draws random numbers for each batch before Lightning's stop check: its
 # variant proves that a stop between the draw and the step does not shift the resumed run's draws.
@@ -29,14 +29,17 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, recipe, tmp_pat
     weights equal those of a run that was never stopped (same seed)."""
     data = make_folder_data(tmp_path / "data", per_class=20, test_per_class=1)
     common = ["--config", CONFIG, *recipe, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size",
-              "2", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
+              "4", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
               "--trainer.deterministic", "true"]  # fmt: skip
     root = "runs/fast" if recipe else "runs/cifar"
     signal_at = ["--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", str(STOP_AT),
                  "--trainer.callbacks.signal", sig.name]  # fmt: skip
     process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000", *signal_at]),
                                cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    output = process.communicate(timeout=300)[0]
+    try:
+        output = process.communicate(timeout=300)[0]
+    finally:
+        process.kill()  # if it never stopped
     assert process.returncode == code, output
 
     run = only((tmp_path / root).glob("*-fit-*"))
