@@ -26,7 +26,8 @@ from cifar.errors import UserError
 RECORD, LOCK = "run.json", ".lock"
 OVERLAPS = "overlaps training data"  # the mark on results evaluated on training images
 NEVER = "0001-01-01T00:00:00+00:00"  # the start of a run that recorded none
-CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")  # what a checkpoint's config holds: no command's own keys
+CONFIG_KEYS = ("seed_everything", "trainer", "model", "data")  # a checkpoint's config: not the command's own keys,
+PLACE_KEYS = ("accelerator", "strategy", "devices", "num_nodes")  # nor where it ran (8 GPUs' checkpoint, 1 CPU's test)
 
 
 def read_record(run_dir: Path) -> dict:
@@ -71,7 +72,7 @@ def find_checkpoint(ckpt_path: str, root: Path) -> Path:
 def config_of(checkpoint: dict) -> dict:
     """The config a checkpoint trained with: its run's, or, from outside this app, its model's hyperparameters."""
     if config := (checkpoint.get("run") or {}).get("config"):
-        return {key: config[key] for key in CONFIG_KEYS if key in config}
+        return config
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
     return {"model": hparams} if hparams else {}
 
@@ -100,8 +101,7 @@ def evaluation(command: str, dm, checkpoint: dict, ckpt_path: Path) -> dict:
     record, overlap = training_record(checkpoint), None
     mine = [e for e in record or [] if e["source"]["fingerprint"] == source["fingerprint"]]
     if record is None:
-        note = f"checkpoint {ckpt_path} carries no record of its training data: whether these images trained it "
-        note += "cannot be checked"
+        note = f"checkpoint {ckpt_path} carries no record of its training data: whether it trained on them is unknown"
     elif not mine:
         overlap, note = 0, f"other data than checkpoint {ckpt_path} trained on ("
         note += "; ".join(describe_source(e["source"]) for e in record) + ")"
@@ -120,8 +120,7 @@ def evaluation(command: str, dm, checkpoint: dict, ckpt_path: Path) -> dict:
             )
         note = f"none of them trained checkpoint {ckpt_path}"
         if overlap:
-            note = f"{OVERLAPS}, {overlap} of the {len(indices)} images trained checkpoint {ckpt_path} "
-            note += "(--data.allow_overlap true)"
+            note = f"{OVERLAPS}, {overlap} of the {len(indices)} images trained checkpoint {ckpt_path}"
     rank_zero_info(f"Evaluating {described}: {note}")
     return {"data": described, "images": len(indices), "checkpoint": str(ckpt_path), "fit_run": fit_run,
             "overlap": overlap, "note": note}  # fmt: skip
@@ -187,6 +186,8 @@ class RunRecord(SaveConfigCallback):
         super().__init__(parser, user_config, save_to_log_dir=False)
         self.run, self.held, self.ckpt_path = run, held, config.get("ckpt_path")
         self.as_dict = yaml.safe_load(parser.dump(user_config, skip_none=False))  # what config.yaml holds
+        self.carried = {key: value for key, value in self.as_dict.items() if key in CONFIG_KEYS}  # by checkpoints
+        self.carried["trainer"] = {k: v for k, v in self.carried["trainer"].items() if k not in PLACE_KEYS}
 
     def setup(self, trainer: Trainer, pl_module, stage: str) -> None:
         if trainer.strategy.broadcast(self.ckpt_path) != self.ckpt_path:
@@ -226,9 +227,8 @@ class RunRecord(SaveConfigCallback):
             self.run.record(trained_on=record)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
-        config = {key: value for key, value in self.as_dict.items() if key in CONFIG_KEYS}
         checkpoint["run"] = {"name": self.run.dir.name, "id": self.run.id, "trained_on": self.trained_on(trainer),
-                             "config": config}  # fmt: skip
+                             "config": self.carried}  # fmt: skip
         # ModelCheckpoint sets its best before it saves: the file named may be the one being written now.
         best = Path(trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "").name
         if trainer.is_global_zero and best and read_record(self.run.dir).get("best") != best:

@@ -89,6 +89,7 @@ def test_ddp_fit_by_torchrun_one_run_same_metrics_by_any_launcher(folder_data: P
     assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2 * 2  # 2 epochs x (32 images / (2 ranks x 8)): each rank its own half
+    assert not {"strategy", "devices", "accelerator"} & last["run"]["config"]["trainer"].keys()  # not where it ran
     checkpoint_state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
     best = Path(checkpoint_state["best_model_path"]).name
     history = wandb_records.history(run_file)
