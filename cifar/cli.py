@@ -62,8 +62,8 @@ class CifarCLI(LightningCLI):
         rank_zero_info(f"Config: checkpoint {ckpt_path}'s, then --config files and the command line")
 
     def _parse_ckpt_path(self) -> None:
-        """Nothing: `parse_arguments` has parsed the command line over the checkpoint's config. LightningCLI's own step
-        puts the checkpoint's hyperparameters over the command line (Lightning #21455): `--model.tta 1` would be lost."""
+        """Nothing: `parse_arguments` has parsed the command line over the checkpoint's config. LightningCLI's own
+        step puts the checkpoint's hyperparameters over the command line (Lightning #21455): `--model.tta 1` is lost."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -85,7 +85,8 @@ class CifarCLI(LightningCLI):
             return
         data.setup(self.subcommand)  # Lightning's stages are the commands' names
         if self.checkpoint and self.subcommand != "predict":
-            self.run.evaluation = run.evaluation(self.subcommand, data, self.checkpoint, self.config[self.subcommand].ckpt_path)
+            ckpt_path = self.config[self.subcommand].ckpt_path
+            self.run.evaluation = run.evaluation(self.subcommand, data, self.checkpoint, ckpt_path)
 
     def before_fit(self) -> None:
         keep_freed_memory()  # training only: larger RSS for faster CPU steps (cifar/malloc.py)
@@ -158,7 +159,8 @@ def main(args: list[str] | None = None) -> None:
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command, through plain Python logging.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
+    lightning_console = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_console.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
     argv = sys.argv[1:] if args is None else args
     stopper = StopOnSignal()
     try:

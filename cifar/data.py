@@ -146,7 +146,8 @@ class CIFAR10DataModule(LightningDataModule):
         """Read what `stage` needs, once (the CLI sets the data up before the trainer does), and move it to the
         device the trainer runs on."""
         if stage == "predict":
-            self.predict_dataset = self.predict_dataset or self._read_predict_dir()
+            if self.predict_dataset is None:
+                self.predict_dataset = self._read_predict_dir()
             return
         if stage == "test" and self.test_size is None:  # the data's own test split: no need to read train
             if "test" not in self.sources:
