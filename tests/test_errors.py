@@ -132,3 +132,16 @@ def test_test_split_missing_from_a_train_only_folder(folder_data, capsys):
 def test_predict_without_a_folder(folder_data, capsys):
     message = cli_error(["predict", "--config", CONFIG, "--data.data_dir", str(folder_data)], capsys)
     assert "--data.predict_dir" in message
+
+
+def test_a_checkpoint_whose_network_the_command_cannot_build_is_refused_in_one_line(fitted, official_data, capsys,
+                                                                                   tmp_path, monkeypatch):  # fmt: skip
+    """The shared fit has 3 classes; the official-format data 4: the model built for the data cannot take the
+    checkpoint's weights (Lightning's strict load would end in a page of traceback)."""
+    data_dir, _ = official_data
+    last = fitted.run / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)  # the validate run's folder
+    message = cli_error(["validate", "--config", CONFIG, "--data.data_dir", str(data_dir), "--trainer.logger", "false",
+                         "--ckpt_path", str(last)], capsys)  # fmt: skip
+    assert message.startswith("error: the checkpoint's network differs from the one this command builds (")
+    assert "(3, " in message and "(4, " in message and "another number of classes" in message
