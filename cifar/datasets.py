@@ -171,17 +171,19 @@ def read_images(paths: list[Path], skip_bad: bool = False) -> tuple[Tensor, list
     into `paths` of the files read. A file that does not decode is an error naming it, or with `skip_bad` skipped
     and counted."""
     images = torch.empty(len(paths), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    kept = []
+    kept, skipped = [], []
     for i, path in enumerate(paths):
         try:
             images[len(kept)] = decode(read_file(str(path)))
-            kept.append(i)
         except RuntimeError as error:
             if not skip_bad:
                 raise UserError(f"cannot decode {path} as an image ({first_line(error)}); "
                                 f"replace or remove it, or pass --data.skip_bad_images true") from error  # fmt: skip
-    if skipped := sorted(set(range(len(paths))) - set(kept)):
-        print(f"skipped {len(skipped)} unreadable image(s) in {paths[skipped[0]].parent}, e.g. {paths[skipped[0]]}")
+            skipped.append(path)
+            continue
+        kept.append(i)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) in {skipped[0].parent}, e.g. {skipped[0]}")
     return images[: len(kept)], kept
 
 

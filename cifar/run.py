@@ -212,7 +212,7 @@ class RunRecord(SaveConfigCallback):
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": self.as_dict})
 
-    def trained_on(self, trainer: Trainer) -> list[dict]:
+    def this_fit(self, trainer: Trainer) -> list[dict]:
         """The resumed checkpoint's training record, and this fit's split if it differs from the last entry."""
         dm, record = trainer.datamodule, self.run.trained_on
         if getattr(dm, "split", None) is None:
@@ -223,11 +223,11 @@ class RunRecord(SaveConfigCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            record = [{k: v for k, v in e.items() if k != "held_out"} for e in self.trained_on(trainer)]
+            record = [{k: v for k, v in e.items() if k != "held_out"} for e in self.this_fit(trainer)]
             self.run.record(trained_on=record)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["run"] = {"name": self.run.dir.name, "id": self.run.id, "trained_on": self.trained_on(trainer),
+        checkpoint["run"] = {"name": self.run.dir.name, "id": self.run.id, "trained_on": self.this_fit(trainer),
                              "config": self.carried}  # fmt: skip
         # ModelCheckpoint sets its best before it saves: the file named may be the one being written now.
         best = Path(trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "").name
