@@ -158,6 +158,9 @@ def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A checkpoint of a fit with EMAWeightAveraging holds the average as its weights: validate, test and predict
+    # score it as they should, and Lightning's warning that the callback's state is not restored there is noise.
+    warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback, but loading a checkpoint")
     # Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command, through plain Python logging.
     lightning_console = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     lightning_console.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))

@@ -78,7 +78,8 @@ class LitModel(LightningModule):
         net: The network, chosen by `class_path`; its `num_classes` is linked from the data.
         num_classes: Number of classes, for the metrics (linked from `data.num_classes`).
         optimizer: Optimizer, called with the parameters (default: the tutorial's Adam, lr 2e-4).
-        scheduler: Learning-rate schedule, stepped per optimizer step (`cifar.optim.PiecewiseLinearLR`); null: constant.
+        scheduler: Learning-rate schedule, stepped per optimizer step (`cifar.optim.PiecewiseLinearLR`,
+            `cifar.optim.WarmupCosineLR`, or any of torch's); null: constant.
         label_smoothing: Label smoothing of the training loss (validation and test report plain cross-entropy).
         tta: Test-time augmentation, averaging logits: 0 none, 1 the image and its mirror, 2 also both shifted by one
             pixel (6 passes; airbench's level 2).

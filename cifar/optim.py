@@ -1,4 +1,7 @@
-"""The fast recipe's optimizer (`Muon`) and learning-rate schedule (`PiecewiseLinearLR`), usable with any net."""
+"""Optimizer and learning-rate schedules: the fast recipe's `Muon` and `PiecewiseLinearLR`, the classic recipes'
+`WarmupCosineLR` (their optimizer is torch's SGD with Nesterov momentum, in YAML); usable with any net."""
+
+import math
 
 import numpy as np
 import torch
@@ -82,11 +85,43 @@ class Muon(Optimizer):
         return loss
 
 
-class PiecewiseLinearLR(LambdaLR):
-    """Multiplies each group's learning rate by a piecewise-linear function of training progress, stepped after
-    every optimizer step. The defaults decay linearly from 1 to 0 (airbench94_muon); airbench94's warmup-then-decay
-    triangle is `points: [0, 0.23, 1]`, `values: [0.2, 1, 0.07]`. A fit resumed with another length
-    (`--trainer.max_epochs`) follows the new one from the step reached, and says so.
+class FitLengthLR(LambdaLR):
+    """A multiplier of each group's learning rate as a function of training progress (the fraction of the fit's
+    optimizer steps done), stepped after every optimizer step. `total_steps` None is "the whole fit": LitModel sets
+    it from the trainer. torch's own length-bound schedulers (CosineAnnealingLR's T_max, OneCycleLR's total_steps,
+    SequentialLR's milestones) need the length in steps when they are built, which a YAML file cannot know; a
+    LambdaLR of the same curve learns it when the fit starts. A fit resumed with another length
+    (`--trainer.max_epochs`) follows the new one from the step reached, and says so."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int | None = None):
+        self.total_steps = total_steps
+        super().__init__(optimizer, self.multiplier)
+
+    def multiplier(self, step: int) -> float:
+        return self.curve(min(step / self.total_steps, 1.0) if self.total_steps else 0.0)
+
+    def curve(self, progress: float) -> float:
+        """The multiplier at `progress` in [0, 1]."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # LambdaLR saves every attribute, `total_steps` too: restored as it is, the first fit's total would end
+        # a longer resumed fit's schedule early and train the added steps at learning rate 0.
+        total_steps = self.total_steps
+        super().load_state_dict(state_dict)
+        if total_steps and total_steps != self.total_steps:
+            rank_zero_info(f"{type(self).__name__}: the schedule now spans {total_steps} steps (the checkpoint's fit: "
+                           f"{self.total_steps}); it goes on from step {self.last_epoch} on the new length")  # fmt: skip
+            self.total_steps = total_steps
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):  # the next step's rate, now
+                group["lr"] = base_lr * self.multiplier(self.last_epoch)
+
+
+class PiecewiseLinearLR(FitLengthLR):
+    """Multiplies each group's learning rate by a piecewise-linear function of training progress. The defaults decay
+    linearly from 1 to 0 (airbench94_muon); airbench94's warmup-then-decay triangle is `points: [0, 0.23, 1]`,
+    `values: [0.2, 1, 0.07]`. A point given twice is a step: `points: [0, 0.5, 0.5, 1]`, `values: [1, 1, 0.1, 0.1]`
+    divides the rate by 10 half-way (torch's MultiStepLR, in fractions of the fit).
 
     Args:
         optimizer: The optimizer whose learning rates are scaled.
@@ -99,20 +134,36 @@ class PiecewiseLinearLR(LambdaLR):
                  total_steps: int | None = None):  # fmt: skip
         if not (len(points) == len(values) >= 2 and points[0] == 0 and points[-1] == 1 and sorted(points) == points):
             raise ValueError(f"points must rise from 0 to 1, one value each (got points={points}, values={values})")
-        self.points, self.values, self.total_steps = list(points), list(values), total_steps
-        super().__init__(optimizer, self.multiplier)
+        self.points, self.values = list(points), list(values)
+        super().__init__(optimizer, total_steps)
 
-    def multiplier(self, step: int) -> float:
-        return float(np.interp(step / self.total_steps if self.total_steps else 0.0, self.points, self.values))
+    def curve(self, progress: float) -> float:
+        return float(np.interp(progress, self.points, self.values))
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        # LambdaLR saves every attribute, `total_steps` too: restored as it is, the first fit's total would end
-        # a longer resumed fit's schedule early and train the added steps at learning rate 0.
-        total_steps = self.total_steps
-        super().load_state_dict(state_dict)
-        if total_steps and total_steps != self.total_steps:
-            rank_zero_info(f"PiecewiseLinearLR: the schedule now spans {total_steps} steps (the checkpoint's fit: "
-                           f"{self.total_steps}); it goes on from step {self.last_epoch} on the new length")  # fmt: skip
-            self.total_steps = total_steps
-            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):  # the next step's rate, now
-                group["lr"] = base_lr * self.multiplier(self.last_epoch)
+
+class WarmupCosineLR(FitLengthLR):
+    """Linear warmup, then cosine annealing (Loshchilov & Hutter, SGDR, 2017, without restarts; the warmup of Goyal
+    et al., 2017): the multiplier rises linearly from `start` to 1 over the first `warmup` of the fit, then follows
+    a half cosine from 1 down to `end` at its last step. With `warmup: 0` it is torch's CosineAnnealingLR over the
+    whole fit (T_max = the fit's steps, eta_min = end x the base rate).
+
+    Args:
+        optimizer: The optimizer whose learning rates are scaled.
+        warmup: Fraction of the fit's optimizer steps spent warming up, in [0, 1) (5 of 200 epochs: 0.025).
+        start: Multiplier at the first step of the warmup.
+        end: Multiplier at the last step.
+        total_steps: Optimizer steps the schedule spans; null: the whole fit (LitModel sets it from the trainer).
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup: float = 0.0, start: float = 0.0, end: float = 0.0,
+                 total_steps: int | None = None):  # fmt: skip
+        if not 0 <= warmup < 1:
+            raise ValueError(f"warmup is a fraction of the fit's steps in [0, 1), not {warmup}")
+        self.warmup, self.start, self.end = warmup, start, end
+        super().__init__(optimizer, total_steps)
+
+    def curve(self, progress: float) -> float:
+        if progress < self.warmup:
+            return self.start + (1 - self.start) * progress / self.warmup
+        annealed = (progress - self.warmup) / (1 - self.warmup)
+        return self.end + (1 - self.end) * (1 + math.cos(math.pi * annealed)) / 2

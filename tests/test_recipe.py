@@ -17,7 +17,7 @@ from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
 from cifar.module import LitModel
 from cifar.nets import AirbenchNet, TutorialCNN
-from cifar.optim import Muon, PiecewiseLinearLR, orthogonalize
+from cifar.optim import Muon, PiecewiseLinearLR, WarmupCosineLR, orthogonalize
 
 TINY = ["--data.batch_size", "16", "--data.val_size", "12", "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false", "--trainer.precision", "32"]  # fmt: skip
@@ -185,6 +185,33 @@ def test_piecewise_linear_schedule():
     assert lrs == pytest.approx([0.4, 1.2, 2.0, 5 / 3, 4 / 3, 1.0, 2 / 3, 1 / 3, 0.0])
     with pytest.raises(ValueError, match="points must rise"):
         PiecewiseLinearLR(optimizer, points=[0, 0.5], values=[1, 0])
+    steps = PiecewiseLinearLR(optimizer, points=[0, 0.5, 0.5, 1], values=[1, 1, 0.1, 0.1], total_steps=4)
+    assert [steps.multiplier(step) for step in range(5)] == pytest.approx([1, 1, 0.1, 0.1, 0.1])  # a repeated point
+
+
+def test_warmup_cosine_schedule_is_torchs_cosine_after_a_linear_warmup():
+    """WarmupCosineLR: linear from start to 1 over the warmup, then torch's CosineAnnealingLR curve over the rest;
+    with no warmup, exactly CosineAnnealingLR with T_max the fit's steps and eta_min end x lr."""
+    param = torch.nn.Parameter(torch.zeros(1))
+
+    def rates(make, steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        schedule = make(optimizer)
+        lrs = [optimizer.param_groups[0]["lr"]]  # the first step's, set when the schedule is built
+        for _ in range(steps):
+            optimizer.step()
+            schedule.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+        return lrs
+
+    ours = rates(lambda o: WarmupCosineLR(o, end=0.01, total_steps=10), 10)
+    torchs = rates(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=0.001), 10)
+    assert ours == pytest.approx(torchs) and ours[-1] == pytest.approx(0.001)
+    warm = rates(lambda o: WarmupCosineLR(o, warmup=0.2, start=0.1, total_steps=10), 10)
+    assert warm[:3] == pytest.approx([0.01, 0.055, 0.1])  # linear from 0.1 x lr to lr over 2 of 10 steps
+    assert warm[2:] == pytest.approx(rates(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8), 8))
+    with pytest.raises(ValueError, match="warmup is a fraction"):
+        WarmupCosineLR(torch.optim.SGD([param], lr=0.1), warmup=1.0)
 
 
 class RecordFreeze(Callback):
