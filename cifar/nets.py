@@ -78,7 +78,7 @@ def cifar_stem_(model: nn.Module) -> None:
     # The conv's own class (BiT's StdConv2d standardizes its weights), initialized as timm initializes ResNets.
     stem = type(conv)(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
     nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
-    setattr(parent, conv_name, stem.to(conv.weight.device))
+    setattr(parent, conv_name, stem.to(conv.weight))  # its device and dtype
     for name in pools:
         setattr(pool_parent, name, nn.Identity())
 
@@ -93,8 +93,9 @@ class TimmNet(nn.Module):
         name: A name from `timm.list_models()`, e.g. `timm.list_models('resnet*')`.
         num_classes: Number of output logits (linked from `data.num_classes`).
         cifar_stem: Give the net a stem for 32x32 images: a 3x3 stride-1 first conv and no max-pool. Covers timm's
-            ResNet families (resnet*, resnext*, wide_resnet*, seresnet*, ecaresnet*, resnet*d/t, resnetaa*,
-            resnest*, res2net*, skresnet*) and pre-activation ResNetV2 (resnetv2_*); false: the net as timm builds it.
+            ResNet class (resnet*, resnext*, wide_resnet*, seresnet*, ecaresnet*, resnetrs*, resnest*, res2net*,
+            skresnet*; not the *ts and *_clip nets, which timm builds otherwise) and its pre-activation ResNetV2
+            (resnetv2_*); false: the net as timm builds it.
         pretrained: Start from timm's ImageNet weights (downloaded from the Hugging Face Hub; the head is new, and
             so is the first conv with `cifar_stem`); false: random initialization, nothing downloaded.
         options: More keyword arguments for `timm.create_model`, e.g. `{drop_rate: 0.2, drop_path_rate: 0.1}`
