@@ -84,10 +84,13 @@ def cifar_stem_(model: nn.Module) -> None:
 
 
 class TimmNet(nn.Module):
-    """Any timm model by name (R. Wightman, "PyTorch Image Models", github.com/huggingface/pytorch-image-models),
-    e.g. `resnet18`, `resnet34`, `resnext50_32x4d`, `wide_resnet50_2`, `resnetv2_18` (pre-activation), `convnext_atto`.
-    With `cifar_stem` (the default), a ResNet's first conv is 3x3 stride 1 and its max-pool is gone: `resnet18`
-    is then the CIFAR ResNet-18 of He et al. 2016 as kuangliu/pytorch-cifar writes it (11.17M parameters).
+    """A timm model by name, with a stem for 32x32 images where that is standard (ResNets).
+
+    timm: R. Wightman, "PyTorch Image Models", github.com/huggingface/pytorch-image-models; e.g. `resnet18`,
+    `resnet34`, `resnext50_32x4d`, `wide_resnet50_2`, `resnetv2_18` (pre-activation), `convnext_atto`. With
+    `cifar_stem` (the default), a ResNet's first conv is 3x3 stride 1 and its max-pool is gone: `resnet18` is then
+    the CIFAR ResNet-18 of He et al. 2016 as kuangliu/pytorch-cifar writes it (11.17M parameters; timm initializes
+    each block's last BatchNorm scale to 0: `options: {zero_init_last: false}` keeps torch's 1).
 
     Args:
         name: A name from `timm.list_models()`, e.g. `timm.list_models('resnet*')`.
@@ -146,11 +149,13 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-k (S. Zagoruyko and N. Komodakis, "Wide Residual Networks", BMVC 2016; their code,
-    github.com/szagoruyko/wide-residual-networks): a 3x3 conv of 16 channels, three groups of (depth - 4) / 6
-    pre-activation basic blocks (`WideBlock`) of widths 16k, 32k, 64k at strides 1, 2, 2, BN -> ReLU, global average
-    pool, linear. WRN-28-10: 36.5M parameters, 5.2 GFLOPs per 32x32 image; the paper's 3.89% error on CIFAR-10 (with
-    `dropout: 0.3`, SGD momentum 0.9 lr 0.1 over 200 epochs, weight decay 5e-4, flips and 4-pixel crops).
+    """Wide ResNet WRN-depth-k for 32x32 images (S. Zagoruyko and N. Komodakis, "Wide Residual Networks", 2016).
+
+    As in the paper and its code (github.com/szagoruyko/wide-residual-networks): a 3x3 conv of 16 channels, three
+    groups of (depth - 4) / 6 pre-activation basic blocks (`WideBlock`) of widths 16k, 32k, 64k at strides 1, 2, 2,
+    BN -> ReLU, global average pool, linear. WRN-28-10: 36.5M parameters, 5.2 GFLOPs per 32x32 image; the paper's
+    3.89% error on CIFAR-10 (with `dropout: 0.3`, SGD momentum 0.9 lr 0.1 over 200 epochs, weight decay 5e-4, flips
+    and 4-pixel crops).
 
     Args:
         num_classes: Number of output logits (linked from `data.num_classes`).
