@@ -2,7 +2,8 @@
 that needs data to initialize defines `init_from_data(images)`: LitModel calls it at the start of a new fit with up
 to 5,000 normalized training images (a resumed fit restores the weights instead)."""
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -41,7 +42,8 @@ class TutorialCNN(nn.Module):
 
 class TorchvisionNet(nn.Module):
     """Any torchvision classification model by name, e.g. `resnet18`, `mobilenet_v3_small`, `vit_b_16`. ImageNet
-    models downsample 32x32 images heavily; they train, but well below nets made for CIFAR.
+    models downsample 32x32 images heavily; they train, but well below nets made for CIFAR (`TimmNet` with its
+    CIFAR stem, `WideResNet`).
 
     Args:
         name: A name from `torchvision.models.list_models(torchvision.models)`.
@@ -57,6 +59,133 @@ class TorchvisionNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+
+def cifar_stem_(model: nn.Module) -> None:
+    """Rebuild a timm ResNet's (v1 or v2) ImageNet stem for 32x32 images in place: its first conv (the 7x7 or the
+    first of a deep stem's three 3x3) becomes a 3x3 stride-1 conv, and the max-pool (with BiT's padding) an identity,
+    so the first stage sees 32x32 maps (He et al. 2016, section 4.2; kuangliu/pytorch-cifar's ResNet18)."""
+    from timm.models import ResNet
+
+    if isinstance(model, ResNet):  # conv1: a Conv2d, or a deep stem's Sequential of three; then maxpool
+        deep = isinstance(model.conv1, nn.Sequential)
+        parent, conv_name = (model.conv1, "0") if deep else (model, "conv1")
+        pool_parent, pools = model, ["maxpool"]
+    else:  # ResNetV2: stem.conv, or stem.conv1 of a deep stem; then stem.pool, after stem.pad in BiT models
+        parent, conv_name = model.stem, "conv1" if hasattr(model.stem, "conv1") else "conv"
+        pool_parent, pools = model.stem, [name for name in ("pad", "pool") if hasattr(model.stem, name)]
+    conv = getattr(parent, conv_name)
+    # The conv's own class (BiT's StdConv2d standardizes its weights), initialized as timm initializes ResNets.
+    stem = type(conv)(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+    nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+    setattr(parent, conv_name, stem.to(conv.weight))  # its device and dtype
+    for name in pools:
+        setattr(pool_parent, name, nn.Identity())
+
+
+class TimmNet(nn.Module):
+    """A timm model by name, with a stem for 32x32 images where that is standard (ResNets).
+
+    timm: R. Wightman, "PyTorch Image Models", github.com/huggingface/pytorch-image-models; e.g. `resnet18`,
+    `resnet34`, `resnext50_32x4d`, `wide_resnet50_2`, `resnetv2_18` (pre-activation), `convnext_atto`. With
+    `cifar_stem` (the default), a ResNet's first conv is 3x3 stride 1 and its max-pool is gone: `resnet18` is then
+    the CIFAR ResNet-18 of He et al. 2016 as kuangliu/pytorch-cifar writes it (11.17M parameters; timm initializes
+    each block's last BatchNorm scale to 0: `options: {zero_init_last: false}` keeps torch's 1).
+
+    Args:
+        name: A name from `timm.list_models()`, e.g. `timm.list_models('resnet*')`.
+        num_classes: Number of output logits (linked from `data.num_classes`).
+        cifar_stem: Give the net a stem for 32x32 images: a 3x3 stride-1 first conv and no max-pool. Covers timm's
+            ResNet class (resnet*, resnext*, wide_resnet*, seresnet*, ecaresnet*, resnetrs*, resnest*, res2net*,
+            skresnet*; not the *ts and *_clip nets, which timm builds otherwise) and its pre-activation ResNetV2
+            (resnetv2_*); false: the net as timm builds it.
+        pretrained: Start from timm's ImageNet weights (downloaded from the Hugging Face Hub; the head is new, and
+            so is the first conv with `cifar_stem`); false: random initialization, nothing downloaded.
+        options: More keyword arguments for `timm.create_model`, e.g. `{drop_rate: 0.2, drop_path_rate: 0.1}`
+            (dropout before the head, stochastic depth) or `{channels: [32, 64, 128, 256]}` (a ResNet's widths).
+    """
+
+    def __init__(self, name: str = "resnet18", num_classes: int = 10, cifar_stem: bool = True,
+                 pretrained: bool = False, options: dict[str, Any] | None = None):  # fmt: skip
+        super().__init__()
+        import timm  # here, not at the top: importing timm takes about a second, which every command would pay
+        from timm.models import ResNet, ResNetV2
+
+        if not timm.is_model(name):
+            pattern = re.match(r"[a-z]*", name).group() + "*"  # the name's family: resnet1800 -> resnet*
+            raise UserError(f"{name!r} is not a timm model: see timm.list_models('{pattern}')")
+        try:
+            self.model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **(options or {}))
+        except TypeError as error:  # an option this model's constructor does not take
+            raise UserError(f"--model.net.init_args.options: timm's {name} does not take them ({error})") from None
+        if cifar_stem:
+            if not isinstance(self.model, (ResNet, ResNetV2)):
+                raise UserError(f"--model.net.init_args.cifar_stem covers timm's ResNet and ResNetV2 families, not "
+                                f"{name} ({type(self.model).__name__}): pass --model.net.init_args.cifar_stem false")  # fmt: skip
+            cifar_stem_(self.model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+class WideBlock(nn.Module):
+    """A pre-activation basic block: BN -> ReLU -> conv 3x3 (stride) -> BN -> ReLU -> dropout -> conv 3x3, plus
+    the input, or a 1x1 conv of the pre-activated input where the shape changes (as the paper's code does)."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int, dropout: float):
+        super().__init__()
+        self.preact = nn.Sequential(nn.BatchNorm2d(channels_in), nn.ReLU(inplace=True))
+        self.residual = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False),
+        )  # fmt: skip
+        same = channels_in == channels_out and stride == 1
+        self.shortcut = None if same else nn.Conv2d(channels_in, channels_out, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        activated = self.preact(x)
+        return self.residual(activated) + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-depth-k for 32x32 images (S. Zagoruyko and N. Komodakis, "Wide Residual Networks", 2016).
+
+    As in the paper and its code (github.com/szagoruyko/wide-residual-networks): a 3x3 conv of 16 channels, three
+    groups of (depth - 4) / 6 pre-activation basic blocks (`WideBlock`) of widths 16k, 32k, 64k at strides 1, 2, 2,
+    BN -> ReLU, global average pool, linear. WRN-28-10: 36.5M parameters, 5.2 GFLOPs per 32x32 image; the paper's
+    3.89% error on CIFAR-10 (with `dropout: 0.3`, SGD momentum 0.9 lr 0.1 over 200 epochs, weight decay 5e-4, flips
+    and 4-pixel crops).
+
+    Args:
+        num_classes: Number of output logits (linked from `data.num_classes`).
+        depth: Conv and linear layers: 6n + 4 for n blocks per group (28: 4; 16: 2; 10: 1).
+        widen_factor: k, the width multiplier of the groups (10 for WRN-28-10).
+        dropout: Dropout probability between the two convs of each block (the paper: 0 or 0.3).
+    """
+
+    def __init__(self, num_classes: int = 10, depth: int = 28, widen_factor: int = 10, dropout: float = 0.0):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise UserError(f"--model.net.init_args.depth {depth}: a WideResNet's depth is 6n + 4 (10, 16, 22, ...)")
+        if widen_factor < 1 or not 0 <= dropout < 1:
+            raise UserError(f"WideResNet: widen_factor {widen_factor} must be >= 1 and dropout {dropout} in [0, 1)")
+        blocks = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        layers = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False)]
+        for channels_in, channels_out, stride in zip(widths, widths[1:], (1, 2, 2)):
+            for i in range(blocks):
+                layers.append(WideBlock(channels_in if i == 0 else channels_out, channels_out, stride if i == 0 else 1,
+                                        dropout))  # fmt: skip
+        self.features = nn.Sequential(*layers, nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True))
+        self.head = nn.Linear(widths[3], num_classes)
+        for layer in self.modules():  # the paper's code's initialization (BatchNorm: torch's scale 1, shift 0)
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))  # the global average pool (8x8 for 32x32 images)
 
 
 class Residual(nn.Sequential):
