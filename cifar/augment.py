@@ -1,12 +1,16 @@
 """Training-time augmentation of whole uint8 batches (N, 3, H, W) where they are (on the GPU when training there):
 flips, shifts, brightness and contrast jitter, cutout; one draw per image from the batch's own generator, no loop
-over images in Python."""
+over images in Python. The policies of torchvision (RandAugment, TrivialAugmentWide, AutoAugment) draw from the
+global random state, one op for a whole batch: they run image by image, in a forked global state seeded from the
+batch's key (`seeded`)."""
 
+import contextlib
 import hashlib
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms import v2
 
 from cifar.errors import UserError
 
@@ -17,12 +21,52 @@ def reflect(index: Tensor, size: int) -> Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
+def batch_key(*parts) -> int:
+    """A seed in [0, 2**63) that depends on `parts` alone (e.g. run seed, DDP rank, epoch, batch in the epoch)."""
+    key = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") >> 1  # seeds are < 2**63
+
+
 def batch_generator(device: torch.device, seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
     """The random generator of one training batch, on `device`, seeded by (run seed, DDP rank, epoch, batch in the
     epoch) alone: a resumed run draws the same augmentation for the same batch whatever ran before, and each rank
-    draws its own (a shared stream would give every rank the same flips and shifts). Seeding: no device sync."""
-    key = hashlib.blake2b(f"{seed},{rank},{epoch},{batch}".encode(), digest_size=8).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(key, "little") >> 1)  # seeds are < 2**63
+    draws its own (a shared stream would give every rank the same flips and shifts). Seeding: no device sync. Draws
+    that cannot take it derive their own key from its seed: `batch_key(generator.initial_seed(), "name")`."""
+    return torch.Generator(device).manual_seed(batch_key(seed, rank, epoch, batch))
+
+
+@contextlib.contextmanager
+def seeded(key: int, device: torch.device):
+    """The one place that lends the global random state to library ops that only draw from it: inside, it is seeded
+    with `key` (the CPU's, and `device`'s when a GPU); after, it is as it was. One intra-op thread meanwhile on the
+    CPU: ops on single images are too small to share out, and the pool's handoffs cost up to 100x the op on a busy
+    machine (a 32x32 rotate: 90 us alone, 2-20 ms with 2 threads while another process ran)."""
+    cuda = [device] if device.type == "cuda" else []
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(key)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(key)  # this device's only (torch.manual_seed would reseed every GPU)
+        try:
+            torch.set_num_threads(1)
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+POLICIES = {
+    "randaugment": lambda ops, magnitude: v2.RandAugment(num_ops=ops, magnitude=magnitude),
+    "trivialaugment": lambda ops, magnitude: v2.TrivialAugmentWide(),
+    "autoaugment": lambda ops, magnitude: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+}
+
+
+def each_image(transform: nn.Module, images: Tensor, key: int | None) -> Tensor:
+    """`transform` applied to each image on its own, so each draws its own op and magnitude (a torchvision policy
+    called on a batch draws once for all of it), in the global random state seeded with `key` (None: as it is)."""
+    with seeded(key, images.device) if key is not None else contextlib.nullcontext():
+        return torch.stack([transform(image) for image in images])
 
 
 def translate(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
@@ -75,16 +119,20 @@ def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tenso
 
 
 class BatchAugment(nn.Module):
-    """flip, then translate, then brightness/contrast jitter, then cutout, each off at its default; the arguments are
-    the data module's (`--data.*`). `random` flips each image with probability 1/2; `alternating` (airbench) flips a
-    random half of the training set once (`prepare`), then every image in every odd epoch: each is seen both ways
-    in two epochs."""
+    """flip, then translate, then a policy (uint8 in and out), then brightness/contrast jitter, then cutout, each off
+    at its default; the arguments are the data module's (`--data.*`), which documents them. The order is timm's and
+    the papers': geometry of the crop first, the policy on the cropped uint8 image, then what works on normalized
+    pixels. `random` flips each image with probability 1/2; `alternating` (airbench) flips a random half of the
+    training set once (`prepare`), then every image in every odd epoch: each is seen both ways in two epochs."""
 
     def __init__(self, flip: Literal["none", "random", "alternating"] = "none", translate: int = 0,
-                 brightness: float = 0.0, contrast: float = 0.0, cutout: int = 0):  # fmt: skip
+                 brightness: float = 0.0, contrast: float = 0.0, cutout: int = 0,
+                 policy: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none",
+                 randaugment_ops: int = 2, randaugment_magnitude: int = 9):  # fmt: skip
         super().__init__()
         self.flip, self.translate, self.brightness, self.contrast = flip, translate, brightness, contrast
         self.cutout = cutout
+        self.policy = None if policy == "none" else POLICIES[policy](randaugment_ops, randaugment_magnitude)
         # The jitter's units and cutout's fill, per channel, in pixels (`prepare`): buffers follow the batches' device.
         self.register_buffer("pixel_mean", torch.zeros(3), persistent=False)
         self.register_buffer("pixel_std", torch.ones(3), persistent=False)
@@ -113,6 +161,9 @@ class BatchAugment(nn.Module):
             images = images.flip(-1)
         if self.translate:
             images = translate(images, self.translate, generator)
+        if self.policy is not None:
+            key = None if generator is None else batch_key(generator.initial_seed(), "policy")
+            images = each_image(self.policy, images, key)
         if self.brightness or self.contrast:
             images = jitter(images, self.pixel_mean, self.pixel_std, self.brightness, self.contrast, generator)
         if self.cutout:

@@ -70,6 +70,13 @@ class CIFAR10DataModule(LightningDataModule):
             cifar10-speedrun (0.14 and 0.13 there): on normalized images, (x + shift) * factor.
         cutout: Set one random square of this side (pixels, wholly inside the image) of each training image to
             the training pixels' mean (airbench96: 12); 0: off.
+        policy: An augmentation policy of torchvision (`transforms.v2`), after `translate`, each training image
+            drawing its own ops: `randaugment` (Cubuk et al. 2020: `randaugment_ops` random ops of strength
+            `randaugment_magnitude`), `trivialaugment` (TrivialAugmentWide, Muller & Hutter 2021: one random op
+            of random strength), `autoaugment` (Cubuk et al. 2019, the CIFAR-10 policy); `none`: off. Image by
+            image in Python: about 0.25-0.5 ms an image on a CPU core.
+        randaugment_ops: Ops applied in turn to each image by `randaugment` (torchvision: 2).
+        randaugment_magnitude: Strength of `randaugment`'s ops, 0 to 30 (torchvision: 9).
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
@@ -93,6 +100,9 @@ class CIFAR10DataModule(LightningDataModule):
         brightness: NonNegativeFloat = 0.0,
         contrast: NonNegativeFloat = 0.0,
         cutout: NonNegativeInt = 0,
+        policy: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none",
+        randaugment_ops: PositiveInt = 2,
+        randaugment_magnitude: NonNegativeInt = 9,
         data_on_device: bool = True,
         allow_overlap: bool = False,
     ):
@@ -107,7 +117,10 @@ class CIFAR10DataModule(LightningDataModule):
         self.seed = seed
         self.download, self.skip_bad_images, self.data_on_device = download, skip_bad_images, data_on_device
         self.predict_dir = Path(predict_dir) if predict_dir else None
-        self.augment = BatchAugment(flip, translate, brightness, contrast, cutout)
+        if randaugment_magnitude > 30:
+            raise UserError(f"--data.randaugment_magnitude {randaugment_magnitude} is out of range: give 0 to 30")
+        self.augment = BatchAugment(flip, translate, brightness, contrast, cutout, policy, randaugment_ops,
+                                    randaugment_magnitude)  # fmt: skip
         self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
         self.predict_dataset: TensorBatches | None = None
