@@ -1,8 +1,11 @@
 """The regularizers of whole training batches (cifar/augment.py): torchvision's policies image by image, mixup and
 cutmix, random erasing; each drawn from the batch's own key, so resume is exact and each DDP rank draws its own."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import CONFIG, only
 from torchvision.transforms import v2
 
 from cifar.augment import BatchAugment, batch_generator, each_image, erase, mix, seeded
@@ -170,3 +173,72 @@ def test_erasing_random_fill_is_per_pixel_and_drawn_from_the_batch():
     torch.manual_seed(9)
     assert torch.equal(augment(images, 0, batch_generator(images.device, 1, 0, 0, 5)), out)
     assert not torch.equal(augment(images, 0, batch_generator(images.device, 1, 1, 0, 5)), out)  # rank 1
+
+
+def test_resume_is_exact_with_every_regularizer_on(folder_data, tmp_path, monkeypatch):
+    """The real CLI, every regularizer on: 2 epochs straight, or resumed from the straight run's first epoch, give
+    the same weights (each batch's draws come from its own key, whatever ran before in the process). Two fits, not
+    test_fault's three: a second checkpoint callback keeps every epoch, and the resumed run goes on in the straight
+    run's folder (the app resumes a run where its checkpoint is), writing its last.ckpt anew."""
+    from cifar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
+              "12", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "3",
+              "--trainer.deterministic", "true", "--data.flip", "random", "--data.translate", "2", "--data.policy",
+              "trivialaugment", "--data.erasing", "0.5", "--data.mixup_alpha", "0.2", "--data.cutmix_alpha", "1.0",
+              "--data.mix_prob", "0.8", "--model.label_smoothing", "0.1", "--trainer.max_epochs", "2",
+              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_top_k",
+              "-1", "--trainer.callbacks.filename", "every-{epoch}"]  # fmt: skip
+    main(["fit", *common])
+    checkpoints = only(Path().glob("runs/cifar/*-fit-*/checkpoints"))
+    a = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    main(["fit", *common, "--ckpt_path", str(checkpoints / "every-epoch=0.ckpt")])
+    b = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (checkpoints / "every-epoch=1-v1.ckpt").exists()  # the resumed run's second epoch
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 6)
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_options_are_in_print_config_and_documented_in_help(capsys):
+    """`fit --print_config` lists each option at its default (off), `fit --help` with its doc."""
+    import yaml
+
+    from cifar.cli import main
+
+    options = {"policy": "none", "randaugment_ops": 2, "randaugment_magnitude": 9, "erasing": 0.0,
+               "erasing_fill": "random", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0}  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--print_config"])
+    assert stop.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert {name: data[name] for name in options} == options
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--help"])
+    assert stop.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps the docs
+    for doc in ("each training image drawing its own ops", "Ops applied in turn to each image by `randaugment`",
+                "Random erasing (Zhong et al. 2020)", "What erased pixels become", "Mixup (Zhang et al. 2018)",
+                "Cutmix (Yun et al. 2019)", "the train accuracy counts a prediction right when it is the target's "
+                "dominant label", "The probability that a batch is mixed"):  # fmt: skip
+        assert doc in usage, doc
+
+
+def test_the_model_trains_on_soft_targets_and_scores_their_dominant_label():
+    """LitModel's training step on mixed targets: the loss is cross-entropy with the target probabilities (label
+    smoothing on top), train_acc the share of predictions that are the target's dominant label."""
+    import torch.nn.functional as F
+
+    from cifar.module import LitModel
+    from cifar.nets import TutorialCNN
+
+    torch.manual_seed(0)
+    model = LitModel(net=TutorialCNN(num_classes=4), num_classes=4, label_smoothing=0.1)
+    images, labels = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 4, (32,))
+    _, targets = mix(images, labels, 4, key=1, mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0)
+    loss, logits = model._step((images, targets), "train")
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, label_smoothing=0.1))
+    right = (logits.argmax(-1) == targets.argmax(-1)).float().mean()
+    assert 0 < right < 1  # the check below can tell the dominant label from another
+    torch.testing.assert_close(model.scores["train_scores"].compute()["train_acc"], right)
