@@ -11,7 +11,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -146,7 +145,8 @@ def mix(images: Tensor, labels: Tensor, num_classes: int, key: int, mixup_alpha:
     are > 0. Labels (N,) -> targets (N, num_classes), rows summing to 1 (one-hot when not mixed). The draws (a few
     numbers a batch) come from a host generator seeded with `key`: no device sync, nor the global random state."""
     rng = np.random.default_rng(key)
-    targets = F.one_hot(labels, num_classes).float()
+    # Not F.one_hot: it reads the labels' range back to the host, a sync per step on a GPU.
+    targets = (labels[:, None] == torch.arange(num_classes, device=labels.device)).float()
     if rng.random() >= prob or not (mixup_alpha > 0 or cutmix_alpha > 0):
         return images, targets
     cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)

@@ -242,3 +242,18 @@ def test_the_model_trains_on_soft_targets_and_scores_their_dominant_label():
     right = (logits.argmax(-1) == targets.argmax(-1)).float().mean()
     assert 0 < right < 1  # the check below can tell the dominant label from another
     torch.testing.assert_close(model.scores["train_scores"].compute()["train_acc"], right)
+
+
+def test_erasing_and_mixing_read_nothing_back_to_the_host():
+    """No `.item()` and the like in erasing and mixing (on a GPU, each would be a host sync every step): the mix's
+    draws are host numbers from the batch's key; F.one_hot, which reads the labels' range, is not used."""
+    from test_hotpath import ScalarReads
+
+    augment = BatchAugment(erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
+    augment.prepare(torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(0))
+    images, labels = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    with ScalarReads() as reads:
+        for batch in range(8):  # both kinds of mix among them
+            generator = batch_generator(images.device, 1, 0, 0, batch)
+            augment.mix(augment(images, 0, generator), labels, 10, generator)
+    assert reads.count == 0
