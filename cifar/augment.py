@@ -126,13 +126,11 @@ def erase(images: Tensor, p: float, fill: Literal["random", "mean"], mean: Tenso
     y, x = torch.arange(h, device=device), torch.arange(w, device=device)
     rows, cols = (y >= top) & (y < top + height) & erased, (x >= left) & (x < left + width)  # (n, h), (n, w)
     rectangle = (rows[:, :, None] & cols[:, None, :])[:, None]  # (n, 1, h, w)
-    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    if fill == "random":
-        value = mean + std * torch.randn(images.shape, device=device, generator=generator)
-    else:
-        value = mean.expand(images.shape)
+    value = mean.view(1, -1, 1, 1)  # broadcast: the mean fill costs no more than cutout
+    if fill == "random":  # in place: one batch-sized tensor
+        value = torch.randn(images.shape, device=device, generator=generator).mul_(std.view(1, -1, 1, 1)).add_(value)
     if not images.is_floating_point():
-        value = value.round().clamp(0, 255)
+        value = value.round().clamp_(0, 255)
     return torch.where(rectangle, value.to(images.dtype), images)
 
 
