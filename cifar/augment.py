@@ -107,7 +107,8 @@ def cutout(images: Tensor, size: int, fill: Tensor, generator: torch.Generator |
 
 
 def erase(images: Tensor, p: float, fill: Literal["random", "mean"], mean: Tensor, std: Tensor,
-          generator: torch.Generator | None = None, scale=(0.02, 0.33), ratio=(0.3, 3.3), tries: int = 10) -> Tensor:  # fmt: skip
+          generator: torch.Generator | None = None, scale=(0.02, 0.33), ratio=(0.3, 3.3),
+          tries: int = 10) -> Tensor:  # fmt: skip
     """Random erasing (Zhong et al. 2020) as torchvision's `RandomErasing` draws it, for the whole batch at once:
     with probability `p`, one rectangle of each image (area a `scale` fraction, height/width a `ratio`, the first of
     `tries` draws that fits, none if none fits) set to `fill`: `random`, each pixel normal in normalized units
@@ -179,11 +180,12 @@ def channel_statistics(images: Tensor, chunk: int = 5000) -> tuple[Tensor, Tenso
 
 class BatchAugment(nn.Module):
     """flip, then translate, then a policy (uint8 in and out), then brightness/contrast jitter, then cutout, then
-    random erasing (`forward`, image by image draws), then mixup or cutmix (`mix`, of the whole batch), each off at its
-    default; the arguments are the data module's (`--data.*`), which documents them. The order is timm's and the
+    random erasing (`forward`, image by image draws), then mixup or cutmix (`mix`, of the whole batch), each off at
+    its default; the arguments are the data module's (`--data.*`), which documents them. The order is timm's and the
     papers': the crop's geometry first, the policy on the cropped uint8 image, what works in normalized units
-    (jitter, erasing) after, mixing images last (it mixes the augmented images, and their labels). `random` flips each image with probability 1/2; `alternating` (airbench) flips a random half of the
-    training set once (`prepare`), then every image in every odd epoch: each is seen both ways in two epochs."""
+    (jitter, erasing) after, mixing images last (it mixes the augmented images, and their labels). `random` flips
+    each image with probability 1/2; `alternating` (airbench) flips a random half of the training set once
+    (`prepare`), then every image in every odd epoch: each is seen both ways in two epochs."""
 
     def __init__(self, flip: Literal["none", "random", "alternating"] = "none", translate: int = 0,
                  brightness: float = 0.0, contrast: float = 0.0, cutout: int = 0,
@@ -196,13 +198,14 @@ class BatchAugment(nn.Module):
         self.cutout, self.erasing, self.erasing_fill = cutout, erasing, erasing_fill
         self.mixup_alpha, self.cutmix_alpha, self.mix_prob = mixup_alpha, cutmix_alpha, mix_prob
         self.policy = None if policy == "none" else POLICIES[policy](randaugment_ops, randaugment_magnitude)
-        # The jitter's units and cutout's and erasing's fill, per channel, in pixels (`prepare`): buffers follow the batches' device.
+        # The jitter's units, cutout's and erasing's fill, per channel, in pixels (`prepare`): buffers follow the
+        # batches' device.
         self.register_buffer("pixel_mean", torch.zeros(3), persistent=False)
         self.register_buffer("pixel_std", torch.ones(3), persistent=False)
 
     def prepare(self, train_images: Tensor, generator: torch.Generator) -> None:
-        """Once per training set, in place: the jitter's, cutout's and erasing's statistics, the mirrored half of `alternating`
-        (drawn from `generator`, the split's, so every DDP rank and every resume mirrors the same half)."""
+        """Once per training set, in place: the jitter's, cutout's and erasing's statistics, the mirrored half of
+        `alternating` (drawn from `generator`, the split's: every DDP rank and every resume mirrors the same half)."""
         if self.cutout > min(train_images.shape[-2:]):
             raise UserError(
                 f"--data.cutout {self.cutout} is larger than the {tuple(train_images.shape[-2:])} images: "

@@ -202,10 +202,13 @@ def test_resume_is_exact_with_every_regularizer_on(folder_data, tmp_path, monkey
 
 
 def test_the_options_are_in_print_config_and_documented_in_help(capsys):
-    """`fit --print_config` lists each option at its default (off), `fit --help` with its doc."""
+    """`fit --print_config` lists each option at its default (off), `fit --help` with its doc; a magnitude past
+    torchvision's 31 bins is the user's error, said in one line."""
     import yaml
 
     from cifar.cli import main
+    from cifar.data import CIFAR10DataModule
+    from cifar.errors import UserError
 
     options = {"policy": "none", "randaugment_ops": 2, "randaugment_magnitude": 9, "erasing": 0.0,
                "erasing_fill": "random", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0}  # fmt: skip
@@ -218,11 +221,14 @@ def test_the_options_are_in_print_config_and_documented_in_help(capsys):
         main(["fit", "--help"])
     assert stop.value.code == 0
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps the docs
-    for doc in ("each training image drawing its own ops", "Ops applied in turn to each image by `randaugment`",
-                "Random erasing (Zhong et al. 2020)", "What erased pixels become", "Mixup (Zhang et al. 2018)",
-                "Cutmix (Yun et al. 2019)", "the train accuracy counts a prediction right when it is the target's "
-                "dominant label", "The probability that a batch is mixed"):  # fmt: skip
+    docs = ["each training image drawing its own ops", "Ops applied in turn to each image by `randaugment`",
+            "Random erasing (Zhong et al. 2020)", "What erased pixels become", "Mixup (Zhang et al. 2018)",
+            "Cutmix (Yun et al. 2019)", "counts a prediction right when it is the target's dominant label",
+            "The probability that a batch is mixed"]  # fmt: skip
+    for doc in docs:
         assert doc in usage, doc
+    with pytest.raises(UserError, match="randaugment_magnitude 31 is out of range"):
+        CIFAR10DataModule(randaugment_magnitude=31)
 
 
 def test_the_model_trains_on_soft_targets_and_scores_their_dominant_label():
