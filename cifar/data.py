@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -70,6 +70,25 @@ class CIFAR10DataModule(LightningDataModule):
             cifar10-speedrun (0.14 and 0.13 there): on normalized images, (x + shift) * factor.
         cutout: Set one random square of this side (pixels, wholly inside the image) of each training image to
             the training pixels' mean (airbench96: 12); 0: off.
+        policy: An augmentation policy of torchvision (`transforms.v2`), after `translate`, each training image
+            drawing its own ops: `randaugment` (Cubuk et al. 2020: `randaugment_ops` random ops of strength
+            `randaugment_magnitude`), `trivialaugment` (TrivialAugmentWide, Muller & Hutter 2021: one random op
+            of random strength), `autoaugment` (Cubuk et al. 2019, the CIFAR-10 policy); `none`: off. Image by
+            image in Python: about 0.25-0.5 ms an image on a CPU core.
+        randaugment_ops: Ops applied in turn to each image by `randaugment` (torchvision: 2).
+        randaugment_magnitude: Strength of `randaugment`'s ops, 0 to 30 (torchvision: 9).
+        erasing: Random erasing (Zhong et al. 2020), after `cutout`: the probability that a training image gets
+            one random rectangle (2-33% of its area, height/width 0.3 to 3.3: torchvision's RandomErasing) set to
+            `erasing_fill` (torchvision's usual p: 0.5, timm's: 0.25); 0: off.
+        erasing_fill: What erased pixels become: `random`, each normal in normalized units (timm's "pixel" mode), or
+            `mean`, the training pixels' mean (torchvision's 0 after normalizing).
+        mixup_alpha: Mixup (Zhang et al. 2018): each training image blended with another of its batch, and their
+            labels alike, by a share drawn from Beta(alpha, alpha) once a batch (timm: 0.8); 0: off.
+        cutmix_alpha: Cutmix (Yun et al. 2019): a box of another image of the batch pasted into each, the labels
+            mixed by the box's area, drawn from Beta(alpha, alpha) once a batch (timm: 1.0); 0: off. With both
+            alphas on, each batch gets one of the two, at even odds. With either on, the loss takes soft targets
+            and the train accuracy counts a prediction right when it is the target's dominant label.
+        mix_prob: The probability that a batch is mixed, when `mixup_alpha` or `cutmix_alpha` is on (timm: 1.0).
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
@@ -93,6 +112,14 @@ class CIFAR10DataModule(LightningDataModule):
         brightness: NonNegativeFloat = 0.0,
         contrast: NonNegativeFloat = 0.0,
         cutout: NonNegativeInt = 0,
+        policy: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none",
+        randaugment_ops: PositiveInt = 2,
+        randaugment_magnitude: NonNegativeInt = 9,
+        erasing: ClosedUnitInterval = 0.0,
+        erasing_fill: Literal["random", "mean"] = "random",
+        mixup_alpha: NonNegativeFloat = 0.0,
+        cutmix_alpha: NonNegativeFloat = 0.0,
+        mix_prob: ClosedUnitInterval = 1.0,
         data_on_device: bool = True,
         allow_overlap: bool = False,
     ):
@@ -107,7 +134,11 @@ class CIFAR10DataModule(LightningDataModule):
         self.seed = seed
         self.download, self.skip_bad_images, self.data_on_device = download, skip_bad_images, data_on_device
         self.predict_dir = Path(predict_dir) if predict_dir else None
-        self.augment = BatchAugment(flip, translate, brightness, contrast, cutout)
+        if randaugment_magnitude > 30:
+            raise UserError(f"--data.randaugment_magnitude {randaugment_magnitude} is out of range: give 0 to 30")
+        self.augment = BatchAugment(flip, translate, brightness, contrast, cutout, policy, randaugment_ops,
+                                    randaugment_magnitude, erasing, erasing_fill, mixup_alpha, cutmix_alpha,
+                                    mix_prob)  # fmt: skip
         self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
         self.predict_dataset: TensorBatches | None = None
@@ -211,7 +242,8 @@ class CIFAR10DataModule(LightningDataModule):
         return TensorBatches(images, torch.arange(len(images)))
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Augment training batches where they now are (the model's device), whole batches at a time."""
+        """Augment training batches where they now are (the model's device), whole batches at a time; with mixup or
+        cutmix, the labels become soft targets (N, classes)."""
         if not (self.trainer and self.trainer.training):
             return batch
         images, labels = batch
@@ -222,7 +254,7 @@ class CIFAR10DataModule(LightningDataModule):
         place = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         seed = self.train_sampler.seed if self.train_sampler else torch.initial_seed()
         generator = batch_generator(images.device, seed, self.trainer.global_rank, epoch, place)
-        return self.augment(images, epoch, generator), labels
+        return self.augment.mix(self.augment(images, epoch, generator), labels, self.num_classes, generator)
 
     def _loader(self, dataset: TensorBatches, sampler: Sampler | None = None, loader=DataLoader) -> DataLoader:
         return loader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,

@@ -72,7 +72,9 @@ class Classifier(nn.Module):
 
 
 class LitModel(LightningModule):
-    """Trains a `Classifier`: uint8 image batches (N, 3, H, W) -> logits.
+    """Trains a `Classifier`: uint8 image batches (N, 3, H, W) -> logits. Training batches mixed by the data
+    (mixup, cutmix) come with soft targets (N, classes): the loss takes them, and `train_acc` counts a prediction
+    right when it is the dominant label (the image with the larger share).
 
     Args:
         net: The network, chosen by `class_path`; its `num_classes` is linked from the data.
@@ -181,14 +183,16 @@ class LitModel(LightningModule):
         return self._step(batch, "test")[1].detach()
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
-        """(loss, logits) of a batch; updates the stage's metrics."""
+        """(loss, logits) of a batch of labels (N,) or, mixed training batches (`--data.mixup_alpha`, `cutmix_alpha`),
+        soft targets (N, classes): the loss takes them as they are; the accuracy, their dominant label (the larger
+        share of a mixed image; an even mix, the lower class index)."""
         images, labels = batch
         logits = self(images) if stage == "train" else self.evaluate(images, self.tta_fraction)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         # One value per image rather than `weight=len(labels)`: with nan_strategy "disable", torchmetrics
         # 1.9 drops the weight, and a short last batch would count as much as a full one.
         self.losses[f"{stage}_loss"].update(loss.detach().expand(len(labels)))
-        self.scores[f"{stage}_scores"].update(logits.detach(), labels)
+        self.scores[f"{stage}_scores"].update(logits.detach(), labels.argmax(-1) if labels.ndim == 2 else labels)
         return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
