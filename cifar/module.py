@@ -1,5 +1,6 @@
 """The model every command runs (`Classifier`) and what trains it (`LitModel`: loss, metrics, optimizer, schedule)."""
 
+import copy
 import math
 import warnings
 from typing import Literal
@@ -144,6 +145,14 @@ class LitModel(LightningModule):
         self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in STAGES})
         scores = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)})
         self.scores = nn.ModuleDict({f"{s}_scores": scores.clone(prefix=f"{s}_") for s in STAGES})
+
+    def __deepcopy__(self, memo: dict) -> "LitModel":
+        # EMAWeightAveraging copies the model. The optimizer and scheduler factories are jsonargparse's, which hold
+        # the whole CLI, and with it a resumed run's open lock file, which cannot be copied: the copy shares them.
+        memo.update({id(factory): factory for factory in (self.optimizer, self.scheduler)})
+        clone = memo[id(self)] = type(self).__new__(type(self))
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # as `copy` does, less the factories
+        return clone
 
     @property
     def net(self) -> nn.Module:

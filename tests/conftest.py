@@ -101,7 +101,12 @@ def make_official_data(root: Path, per_batch: int = 12, test_count: int = 12) ->
     def write_batch(name: str, n: int) -> list[str]:
         labels = [int(x) for x in rng.integers(0, len(OFFICIAL_CLASSES), size=n)]
         rows = np.stack([class_images(y, 1, rng)[0].transpose(2, 0, 1).reshape(-1) for y in labels])
-        batch = {"batch_label": name, "labels": labels, "data": rows, "filenames": ["x.png"] * n}  # py2 str keys read back as str
+        batch = {
+            "batch_label": name,
+            "labels": labels,
+            "data": rows,
+            "filenames": ["x.png"] * n,
+        }  # py2 str keys read back as str
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
         return [name, md5(folder / name)]
@@ -216,7 +221,8 @@ def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
     """Every CLI config in configs/ (CONFIGS), as it is (its logger too: W&B, offline without an API key), parsed
     by the real CLI in this process, built, and fitted for one training step on tiny data (the folder images, batch
     4, one validation batch where the config validates after the first epoch); then its last checkpoint tested on
-    one batch. {config name: Built's record of the fit, plus `test`: the test run's test_report.json}."""
+    one batch. {config name: Built's record of the fit, plus `checkpoint`: its last.ckpt, and `test`: the test run's
+    test_report.json}."""
     from probes import Built
 
     from cifar.cli import main
@@ -231,6 +237,7 @@ def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
         for config in CONFIGS:
             common = ["--config", str(config), "--data.data_dir", str(data), "--data.batch_size", "4",
                       "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            fitted = set(root.glob("runs/*/*-fit-*"))
             main(["fit", *common, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                   "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
                   "--trainer.callbacks+=probes.Built", "--trainer.callbacks.name", config.stem])  # fmt: skip
@@ -240,5 +247,7 @@ def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
             wandb.finish()
             (run,) = set(root.glob("runs/*/*-test-*")) - tested
             fits[config.stem] = Built.fits.pop(config.stem)
+            (fit,) = set(root.glob("runs/*/*-fit-*")) - fitted
+            fits[config.stem].checkpoint = fit.resolve() / "checkpoints" / "last.ckpt"
             fits[config.stem].test = json.loads((run / "test_report.json").read_text())
     return fits

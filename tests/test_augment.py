@@ -1,11 +1,8 @@
 """The regularizers of whole training batches (cifar/augment.py): torchvision's policies image by image, mixup and
 cutmix, random erasing; each drawn from the batch's own key, so resume is exact and each DDP rank draws its own."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import CONFIG, only
 from torchvision.transforms import v2
 
 from cifar.augment import BatchAugment, batch_generator, each_image, erase, mix, seeded
@@ -173,32 +170,6 @@ def test_erasing_random_fill_is_per_pixel_and_drawn_from_the_batch():
     torch.manual_seed(9)
     assert torch.equal(augment(images, 0, batch_generator(images.device, 1, 0, 0, 5)), out)
     assert not torch.equal(augment(images, 0, batch_generator(images.device, 1, 1, 0, 5)), out)  # rank 1
-
-
-def test_resume_is_exact_with_every_regularizer_on(folder_data, tmp_path, monkeypatch):
-    """The real CLI, every regularizer on: 2 epochs straight, or resumed from the straight run's first epoch, give
-    the same weights (each batch's draws come from its own key, whatever ran before in the process). Two fits, not
-    test_fault's three: a second checkpoint callback keeps every epoch, and the resumed run goes on in the straight
-    run's folder (the app resumes a run where its checkpoint is), writing its last.ckpt anew."""
-    from cifar.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
-              "12", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "3",
-              "--trainer.deterministic", "true", "--data.flip", "random", "--data.translate", "2", "--data.policy",
-              "trivialaugment", "--data.erasing", "0.5", "--data.mixup_alpha", "0.2", "--data.cutmix_alpha", "1.0",
-              "--data.mix_prob", "0.8", "--model.label_smoothing", "0.1", "--trainer.max_epochs", "2",
-              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_top_k",
-              "-1", "--trainer.callbacks.filename", "every-{epoch}"]  # fmt: skip
-    main(["fit", *common])
-    checkpoints = only(Path().glob("runs/cifar/*-fit-*/checkpoints"))
-    a = torch.load(checkpoints / "last.ckpt", weights_only=True)
-    main(["fit", *common, "--ckpt_path", str(checkpoints / "every-epoch=0.ckpt")])
-    b = torch.load(checkpoints / "last.ckpt", weights_only=True)
-    assert (checkpoints / "every-epoch=1-v1.ckpt").exists()  # the resumed run's second epoch
-    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 6)
-    for name, tensor in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_options_are_in_print_config_and_documented_in_help(capsys):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, make_folder_data
+from conftest import CLASSES, CONFIG
 from test_export import run_exported
 from torch import nn
 
@@ -77,36 +77,12 @@ def test_net_mistakes_are_user_errors_that_say_what_to_do():
             WideResNet(depth=depth)
 
 
-NETS = {  # each fitted for one step below, from the command line
-    "WideResNet": ["--model.net", "cifar.nets.WideResNet", "--model.net.init_args.depth", "10",
-                   "--model.net.init_args.widen_factor", "1", "--model.net.init_args.dropout", "0.3"],
-    "TimmNet": ["--model.net", "cifar.nets.TimmNet", "--model.net.init_args.name", "resnet18",
-                "--model.net.init_args.options", "{channels: [8, 16, 32, 64]}"],
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def fitted_nets(tmp_path_factory) -> dict[str, Path]:
-    """{net: the last checkpoint of `fit --config configs/cifar.yaml` with it, one training step on 3 classes}."""
-    root = tmp_path_factory.mktemp("nets")
-    data = make_folder_data(root / "data")
-    checkpoints = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        for name, net in NETS.items():
-            before = set(root.glob("runs/cifar/*-fit-*"))
-            main(["fit", "--config", CONFIG, "--data.data_dir", str(data), "--data.batch_size", "8",
-                  "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                  "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.logger",
-                  "false", "--trainer.enable_progress_bar", "false", *net])  # fmt: skip
-            (run,) = set(root.glob("runs/cifar/*-fit-*")) - before
-            checkpoints[name] = run.resolve() / "checkpoints" / "last.ckpt"
-    return checkpoints
-
-
-@pytest.mark.parametrize("name", NETS)
-def test_a_fitted_net_exports_and_serves_its_probabilities(name: str, fitted_nets, tmp_path: Path):
-    ckpt = fitted_nets[name]
+@pytest.mark.parametrize(("config", "name"), [("resnet18", "TimmNet"), ("wrn28_10", "WideResNet")])
+def test_the_classic_configs_full_size_nets_export_and_serve_their_probabilities(config, name, one_step_fits,
+                                                                                 tmp_path: Path):  # fmt: skip
+    """configs/resnet18.yaml and configs/wrn28_10.yaml as they are (ResNet-18, WRN-28-10), fitted for one step on
+    tiny data and tested by the config loop (tests/test_config.py), then exported in both formats and served."""
+    ckpt = one_step_fits[config].checkpoint
     model = LitModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()  # strict: every weight
     assert type(model.net).__name__ == name
     if name == "TimmNet":
@@ -142,7 +118,16 @@ def test_the_nets_are_documented_and_configured_from_the_command_line(tmp_path: 
     assert "--model.net.cifar_stem" in text and "resnetv2_" in text  # the families it covers
     text = printed("fit", "--model.net.help", "cifar.nets.WideResNet")
     assert "--model.net.widen_factor" in text and "Dropout probability between the two convs" in text
-    config = printed("fit", "--config", CONFIG, *NETS["TimmNet"][:4], "--print_config")
+    config = printed(
+        "fit",
+        "--config",
+        CONFIG,
+        "--model.net",
+        "cifar.nets.TimmNet",
+        "--model.net.init_args.name",
+        "resnet18",
+        "--print_config",
+    )
     assert "name: resnet18" in config and "cifar_stem: true" in config and "pretrained: false" in config
 
     monkeypatch.chdir(tmp_path)  # where the failed fit's run directory goes
