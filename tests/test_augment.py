@@ -173,8 +173,8 @@ def test_erasing_random_fill_is_per_pixel_and_drawn_from_the_batch():
 
 
 def test_the_options_are_in_print_config_and_documented_in_help(capsys):
-    """`fit --print_config` lists each option at its default (off), `fit --help` with its doc; a magnitude past
-    torchvision's 31 bins is the user's error, said in one line."""
+    """`fit --print_config` lists each option at its default (off), `--print_config=comments` and `fit --help` with
+    its doc; a magnitude past torchvision's 31 bins is the user's error, said in one line."""
     import yaml
 
     from cifar.cli import main
@@ -189,6 +189,10 @@ def test_the_options_are_in_print_config_and_documented_in_help(capsys):
     data = yaml.safe_load(capsys.readouterr().out)["data"]
     assert {name: data[name] for name in options} == options
     with pytest.raises(SystemExit) as stop:
+        main(["fit", "--print_config=comments"])
+    assert stop.value.code == 0
+    commented = " ".join(line.strip("# ") for line in capsys.readouterr().out.splitlines())  # YAML comments, wrapped
+    with pytest.raises(SystemExit) as stop:
         main(["fit", "--help"])
     assert stop.value.code == 0
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps the docs
@@ -197,7 +201,7 @@ def test_the_options_are_in_print_config_and_documented_in_help(capsys):
             "Cutmix (Yun et al. 2019)", "counts a prediction right when it is the target's dominant label",
             "The probability that a batch is mixed"]  # fmt: skip
     for doc in docs:
-        assert doc in usage, doc
+        assert doc in usage and doc in commented, doc
     with pytest.raises(UserError, match="randaugment_magnitude 31 is out of range"):
         CIFAR10DataModule(randaugment_magnitude=31)
 

@@ -428,17 +428,16 @@ def test_the_96_percent_config_is_the_95_percent_one_with_airbench96s_changes(on
     assert shapes["classifier.net.layers.3.4.3.weight"] == (512, 512, 3, 3)  # the third conv of group 3
 
 
-def test_any_torchvision_model_and_lightnings_ema_plug_in_from_the_command_line(folder_data, tmp_path, monkeypatch, capsys):
+def test_any_torchvision_model_plugs_in_from_the_command_line(folder_data, tmp_path, monkeypatch, capsys):
+    """(Lightning's EMA from the command line: tests/test_average.py.)"""
     monkeypatch.chdir(tmp_path)
     common = ["--config", str(ROOT / "configs" / "cifar.yaml"), "--data.data_dir", str(folder_data), *TINY,
               "--trainer.max_epochs", "1", "--model.net", "cifar.nets.TorchvisionNet"]  # fmt: skip
-    main(["fit", *common, "--model.net.init_args.name", "resnet18",
-          "--trainer.callbacks+", "lightning.pytorch.callbacks.EMAWeightAveraging"])  # fmt: skip
+    main(["fit", *common, "--model.net.init_args.name", "resnet18"])
     (run,) = Path("runs/cifar").glob("*-fit*")
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
     assert last["state_dict"]["classifier.net.model.fc.weight"].shape == (len(CLASSES), 512)  # num_classes linked
-    assert "EMAWeightAveraging" in last["callbacks"] and "averaging_state" in last  # the average is checkpointed
 
     with pytest.raises(SystemExit) as stop:
         main(["fit", *common, "--model.net.init_args.name", "resnet1800"])
