@@ -2,6 +2,7 @@
 # The GPU call rehearsed in the device's own environment, minus CUDA (issue 28), so that a lent GPU is not spent
 # finding what a CPU could have:
 #   bash bench/gpu/rehearse.sh                  # prepare.sh, then `run.sh --dry-run` as the device would run run.sh
+#   DRY_SCALE=10 bash bench/gpu/rehearse.sh     # the same with every limit x 10, not x 6: where others load the cores
 #   bash bench/gpu/rehearse.sh --suite [ARGS]   # the project's tests (pytest ARGS) in the same environment
 # The environment is the device image's (the device tool's KINDS.md): Python 3.12, torch 2.11.0 (a CUDA build, which
 # runs on the CPU), torchvision 0.26.0, torchmetrics 1.9.0, lightning 2.6.6, onnx 1.23.1, onnxruntime 1.30.0,
@@ -67,7 +68,7 @@ echo "prepared in $((SECONDS - began)) s; the call's copy in $WORK/repo"
 
 # 3. The call, dry: every step on the CPU, in the device's environment.
 cd "$WORK/repo"
-device OUT="$WORK/out" SCRATCH="$WORK" bash bench/gpu/run.sh --dry-run || true
+device OUT="$WORK/out" SCRATCH="$WORK" DRY_SCALE="${DRY_SCALE:-6}" bash bench/gpu/run.sh --dry-run || true
 cd "$REPO"
 rm -rf "$WORK/site" "$WORK/cifar10-jpeg" "$WORK/profile-run" "$WORK/compiled-run" "$WORK/repo" "$WORK/inductor"
 files=$(find "$WORK/out" -type f | wc -l)

@@ -21,9 +21,10 @@ SCRATCH=${SCRATCH:-/tmp}  # the installed wheels, the unpacked images and the ru
 CALL=560    # the call's timeout_s, seconds (prepare.sh prints it): at most 10 minutes, and a machine's start
             # (1-2 minutes) comes out of the session's 15 minutes of device time too
 MARGIN=30   # seconds of the call no limit may use: a killed step's 10 s to exit, the tool's own start and end
-SETUP=45    # seconds for the setup: installing the wheels, unpacking 50k JPEGs, importing to print versions
+SETUP=45    # seconds for the setup: installing the wheels (20), unpacking 50k JPEGs (10), importing for versions (15)
 MAX_FILES=8 # the files the device tool brings back from $OUT
-SCALE=$([ $DRY -eq 1 ] && echo 6 || echo 1)  # every limit x SCALE in a dry run: 2 CPU cores, no GPU
+SCALE=$([ $DRY -eq 1 ] && echo "${DRY_SCALE:-6}" || echo 1)  # every limit x SCALE in a dry run: 2 CPU cores, no GPU
+                                                               # (DRY_SCALE: more where others load the cores)
 BUDGET=$(((CALL - MARGIN) * SCALE))
 SITE=$SCRATCH/site
 DATA=$SCRATCH/cifar10-jpeg
@@ -50,11 +51,11 @@ fi
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
 # step NAME SECONDS COMMAND...: in the plan, adds SECONDS (x SCALE) to the limits; in the run, runs COMMAND with
-# its output in $OUT/NAME.log for at most that long (less if the budget has less left), and adds its exit status,
-# time and result lines to the summary.
+# its output in $OUT/NAME.log for at most that long (less if the budget has less left; SECONDS+: all that is left),
+# and adds its exit status, time and result lines to the summary.
 PLANNING=1 PLANNED=$((SETUP * SCALE)) NSTEPS=0
 step() {
-  local name=$1 limit=$(($2 * SCALE))
+  local name=$1 limit=$((${2%+} * SCALE)) rest=$([ "${2: -1}" = + ] && echo 1 || echo 0)
   shift 2
   if [ $PLANNING -eq 1 ]; then
     PLANNED=$((PLANNED + limit)) NSTEPS=$((NSTEPS + 1))
@@ -65,7 +66,7 @@ step() {
     say "SKIP  $name: ${left} s of the budget left"
     return
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  [ "$limit" -gt "$left" ] || [ $rest -eq 1 ] && limit=$left
   say "run   $name: limit $limit s, at $((SECONDS - START)) s"
   local began=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -81,14 +82,14 @@ steps() {
   step tests 120 python3 -m pytest -m cuda -v -p no:cacheprovider -n $WORKERS --timeout $((100 * SCALE)) \
     tests/test_cuda.py
   step fast 110 python3 bench/fast.py --data "$DATA" --seeds 0 1 2 -- "${ACCEL[@]}" "${SHORT[@]}"
-  step throughput 75 python3 bench/throughput.py --data "$DATA" "${STEPS[@]}" --repeats 1 --no-options
+  step throughput 90 python3 bench/throughput.py --data "$DATA" "${STEPS[@]}" --repeats 1 --no-options
   step profile 45 python3 main.py fit --config configs/fast.yaml --data.data_dir "$DATA" --trainer.logger false \
     --trainer.enable_progress_bar false --trainer.default_root_dir "$SCRATCH/profile-run" --trainer.max_epochs 2 \
     --trainer.check_val_every_n_epoch 2 --trainer.callbacks+=bench.gpu.profile.EpochProfile \
     --trainer.callbacks.output null "${ACCEL[@]}" "${CUT[@]}"
-  # Compiled last: its compilation (forward and backward, from a cold cache) is the least predictable cost. Full
-  # batches only and no validation, so it compiles once; epoch 1 is the compiled speed (EpochTimes).
-  step compiled 90 env TORCH_LOGS=recompiles python3 main.py fit --config configs/fast.yaml --model.compile true \
+  # Compiled last, with what is left: its compilation (forward and backward, from a cold cache) is the least
+  # predictable cost. Full batches only and no validation, so it compiles once; epoch 1 is the compiled speed.
+  step compiled 75+ env TORCH_LOGS=recompiles python3 main.py fit --config configs/fast.yaml --model.compile true \
     --data.data_dir "$DATA" --trainer.logger false --trainer.enable_progress_bar false --trainer.max_epochs 2 \
     --trainer.limit_train_batches $FULL_BATCHES --trainer.limit_val_batches 0 \
     --trainer.default_root_dir "$SCRATCH/compiled-run" --trainer.callbacks+=bench.gpu.epochs.EpochTimes \
@@ -116,10 +117,10 @@ fi
 (
   { command -v nvidia-smi >/dev/null &&
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader; } || echo "no nvidia-smi"
-  timeout $((30 * SCALE)) bash bench/gpu/install.sh "$SITE" || exit 1
+  timeout $((20 * SCALE)) bash bench/gpu/install.sh "$SITE" || exit 1
   archive=.gpu/cifar10-train-jpeg.tar.gz
   [ -f $archive ] || archive=../shared/data/cifar10-train-jpeg.tar.gz  # a dry run beside the shared data
-  [ -d "$DATA/train" ] || { mkdir -p "$DATA" && timeout $((15 * SCALE)) tar -xzf $archive -C "$DATA"; } || exit 1
+  [ -d "$DATA/train" ] || { mkdir -p "$DATA" && timeout $((10 * SCALE)) tar -xzf $archive -C "$DATA"; } || exit 1
   echo "$(nproc) cores; images: $(find "$DATA/train" -type f | wc -l)"
   timeout $((15 * SCALE)) python3 -c "import sys, torch, lightning, torchmetrics, torchvision, onnx, wandb, jsonargparse as j
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'lightning',
