@@ -54,8 +54,10 @@ if [ "${1:-}" = "--suite" ]; then  # 2'. The project's tests, with the carried w
   shift
   [ -d .gpu/wheels ] || bash bench/gpu/prepare.sh >"$WORK/prepare.log"
   device bash bench/gpu/install.sh "$WORK/site"
-  device CI="${CI:-}" python3 -m pytest -p no:cacheprovider "$@"
-  exit
+  rc=0
+  device CI="${CI:-}" python3 -m pytest -p no:cacheprovider "$@" || rc=$?
+  rm -rf "$WORK"
+  exit $rc
 fi
 
 # 2. What the call carries, made here as the device call needs it.
