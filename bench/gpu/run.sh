@@ -107,7 +107,8 @@ fi
 START=$SECONDS
 mkdir -p "$OUT"
 : >"$SUMMARY"
-say "plan: setup $((SETUP * SCALE)) s + $NSTEPS steps = $PLANNED s of $BUDGET ($((BUDGET - PLANNED)) s to spare); call $((CALL * SCALE)) s$([ $DRY -eq 1 ] && echo ", DRY RUN on the CPU (limits x $SCALE)")"
+say "plan: setup $((SETUP * SCALE)) s + $NSTEPS steps = $PLANNED s of $BUDGET ($((BUDGET - PLANNED)) s to spare);" \
+  "call $((CALL * SCALE)) s$([ $DRY -eq 1 ] && echo ", DRY RUN on the CPU (limits x $SCALE)")"
 
 # Setup. Where python3 has wandb already, it is not the device's environment: install.sh would add to it.
 if [ $DRY -eq 1 ] && python3 -c "import wandb" 2>/dev/null; then
@@ -117,6 +118,9 @@ fi
 (
   { command -v nvidia-smi >/dev/null &&
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader; } || echo "no nvidia-smi"
+  # Not on a GPU machine, the real call stops here, before install.sh adds to this python3 (rehearse.sh instead).
+  [ $DRY -eq 1 ] || python3 -c "import sys, torch
+sys.exit(0 if torch.cuda.is_available() else 'error: torch sees no CUDA device')" || exit 1
   timeout $((20 * SCALE)) bash bench/gpu/install.sh "$SITE" || exit 1
   archive=.gpu/cifar10-train-jpeg.tar.gz
   [ -f $archive ] || archive=../shared/data/cifar10-train-jpeg.tar.gz  # a dry run beside the shared data
@@ -135,4 +139,5 @@ grep -iE "nvidia|H100|H200|no nvidia-smi|cores|python |wheels|image's own|warnin
 [ $rc -eq 0 ] || { tail -20 "$OUT/setup.log"; exit 1; }
 
 steps
-say "total $((SECONDS - START)) s of $((CALL * SCALE)); $(find "$OUT" -type f | wc -l) files in \$OUT (at most $MAX_FILES come back): $(ls "$OUT" | tr '\n' ' ')"
+say "total $((SECONDS - START)) s of $((CALL * SCALE)); $(find "$OUT" -type f | wc -l) files in \$OUT" \
+  "(at most $MAX_FILES come back): $(ls "$OUT" | tr '\n' ' ')"
