@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cifar.checkpoints import load_checkpoint
-from cifar.errors import UserError
+from cifar.errors import UserError, first_line
 from cifar.module import LitModel
 
 FORMATS = {"onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".pt"}
@@ -100,8 +100,10 @@ def export_onnx(model: nn.Module, example: Tensor, classes: list[str], path: Pat
     try:
         import onnx  # optional: only ONNX export needs them
         import onnxscript  # noqa: F401  (the dynamo-based exporter writes the graph with it)
-    except ImportError as error:
-        raise UserError('ONNX export needs the onnx and onnxscript packages: pip install -e ".[export]"') from error
+    except Exception as error:  # missing, or there but not loading: e.g. protobuf's VersionError, for an onnx
+        # built against another protobuf major version than the one Python finds first (issue 28)
+        raise UserError(f"ONNX export needs the onnx and onnxscript packages, importable ({type(error).__name__}: "
+                        f'{first_line(error)}): pip install -e ".[export]"') from error  # fmt: skip
 
     # The torch.export-based exporter (the TorchScript-based one, dynamo=False, is deprecated in torch 2.14).
     torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["probabilities"],

@@ -30,6 +30,9 @@ RECIPES = {
              "--trainer.precision", "bf16-mixed"],  # fmt: skip
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+# Epochs to learn the 3 colours: the fast recipe's rates are for batch 1536; at batch 16, 2 epochs in bf16 left it at
+# chance (test_acc 1/3) on the CPU, 4 reach 1.0 (seeds 0, 1).
+EPOCHS = {"cifar": "2", "fast": "4"}
 
 
 
@@ -42,8 +45,8 @@ def data(tmp_path: Path) -> Path:
 def test_fit_test_predict_export_on_the_device(recipe, data, tmp_path):
     """The user's path on the GPU, in new processes: fit, `test --ckpt_path best`, predict, export (ONNX)."""
     common = [*RECIPES[recipe], "--data.data_dir", str(data), *DEVICE]
-    fit = run_cli(["fit", *common, *QUIET, "--data.val_size", "12", "--trainer.max_epochs", "2",
-                   "--trainer.check_val_every_n_epoch", "1"], tmp_path)  # fmt: skip
+    fit = run_cli(["fit", *common, *QUIET, "--data.val_size", "12", "--trainer.max_epochs", EPOCHS[recipe],
+                   "--trainer.check_val_every_n_epoch", "1", "--seed_everything", "0"], tmp_path)  # fmt: skip
     if ON == "gpu":
         assert "GPU available: True (cuda), used: True" in fit.stdout + fit.stderr
     run = only((tmp_path / "runs" / recipe).glob("*-fit-*"))
@@ -51,7 +54,7 @@ def test_fit_test_predict_export_on_the_device(recipe, data, tmp_path):
     assert all(t.device.type == "cpu" for t in best["state_dict"].values())  # loaded with map_location
     test = run_cli(["test", *common, "--ckpt_path", "best", "--trainer.enable_progress_bar", "false"], tmp_path)
     report = json.loads(only((tmp_path / "runs" / recipe).glob("*-test-*/test_report.json")).read_text())
-    assert report["metrics"]["test_acc"] >= 0.5, test.stdout  # 3 classes told apart by colour: learnable in 2 epochs
+    assert report["metrics"]["test_acc"] >= 0.5, test.stdout  # 3 classes told apart by colour: learnable
 
     predict = run_cli(["predict", *common, *QUIET, "--ckpt_path", "best", "--data.predict_dir",
                        str(data / "test" / "cat")], tmp_path)  # fmt: skip

@@ -2,6 +2,7 @@
 probabilities, loaded by onnxruntime, `torch.export.load` and `torch.jit.load` alone."""
 
 import json
+import sys
 from pathlib import Path
 
 import onnxruntime
@@ -56,7 +57,7 @@ def test_every_format_gives_the_checkpoints_probabilities_and_class_names(best: 
     assert best.with_suffix(".pt2").is_file()
 
 
-def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsys):
+def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsys, monkeypatch):
     def error(*args: str) -> str:
         with pytest.raises(SystemExit) as stop:
             export(*args)
@@ -71,6 +72,14 @@ def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsy
     assert "format" in error("--ckpt_path", "best", "--format", "tflite")
     assert "does not exist" in error("--ckpt_path", "nowhere.ckpt")
     assert "the following arguments are required: ckpt_path" in error()
+    # An onnx that is installed but does not load: here, as with protobuf's VersionError for an onnx built against
+    # another protobuf major version (a GPU machine's image with newer wheels beside it, issue 28).
+    (tmp_path / "broken" / "onnx").mkdir(parents=True)
+    (tmp_path / "broken" / "onnx" / "__init__.py").write_text("raise RuntimeError('mismatched Protobuf versions')\n")
+    monkeypatch.syspath_prepend(tmp_path / "broken")
+    monkeypatch.delitem(sys.modules, "onnx", raising=False)
+    line = error("--ckpt_path", "best", "--format", "onnx", "--output", "model.onnx")
+    assert "needs the onnx and onnxscript packages, importable (RuntimeError: mismatched Protobuf versions)" in line
 
 
 def test_export_is_a_plain_tool_with_its_own_help(capsys):

@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -178,8 +179,10 @@ def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data,
     parts = sorted((run / "wandb").glob("offline-run-*"))
     run_id = json.loads((run / "run.json").read_text())["id"]
     assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)  # one W&B id, kept on resume
-    dry_run = subprocess.run(["wandb", "sync", "--dry-run", str(run / "wandb")], capture_output=True, text=True,
-                             cwd=tmp_path, env=cli_env({"WANDB_MODE": "offline"}), timeout=120)  # fmt: skip
+    # `python -m wandb`, not `wandb`: where wandb is installed with --target (the GPU machine), no script is on PATH
+    dry_run = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(run / "wandb")],
+                             capture_output=True, text=True, cwd=tmp_path, env=cli_env({"WANDB_MODE": "offline"}),
+                             timeout=120)  # fmt: skip
     assert "Would sync 2 run(s)" in dry_run.stdout + dry_run.stderr
 
 

@@ -17,13 +17,17 @@ PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 TARGET="--only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS"
 LIMIT=$((64 * 1024 * 1024))  # bytes that may travel with one call: the working tree and `carry`
 
+# The pins come from python3's own packages: it must be the environment the app is tested in (issue 28).
+python3 -c "import wandb, jsonargparse" 2>/dev/null || {
+  echo "error: $(command -v python3) cannot import wandb and jsonargparse; the wheels are pinned to what python3 runs:"
+  echo "       run this with the project's environment first on PATH (e.g. PATH=/path/to/venv/bin:\$PATH)"; exit 2; }
 mkdir -p .gpu
 grep -qxF '/.gpu/' .gitignore || { echo "error: .gitignore must list /.gpu/ (the wheels and data never go into git)"; exit 2; }
 
 # 1. The wheels, with every package they need, pinned to the versions this machine runs (and tests) the app with.
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 python3 -m pip freeze --exclude-editable | grep -E '^[A-Za-z0-9_.-]+==' > .gpu/constraints.txt
-python3 -m pip download -q $TARGET -c .gpu/constraints.txt -d "$WHEELS" $NEEDED 2>&1 | grep -v "is ignored" || true
+python3 -m pip download -q $TARGET -c .gpu/constraints.txt -d "$WHEELS" $NEEDED 2>&1 | { grep -v "is ignored" || true; }
 projects=$(ls "$WHEELS" | sed -E 's/-[0-9][^-]*-.*//' | tr 'A-Z_' 'a-z-' | sort)
 if [ -n "$(echo "$projects" | uniq -d)" ]; then
   echo "error: two versions of $(echo "$projects" | uniq -d | head -1) in $WHEELS: the device's install would stop"; exit 1
@@ -44,12 +48,13 @@ total=$((tree + carried))
 echo "travels: working tree $((tree / 1024)) KiB + .gpu $((carried / 1024 / 1024)) MiB = $((total / 1024 / 1024)) MiB of 64 MiB"
 [ "$total" -lt "$LIMIT" ] || { echo "error: $total bytes would travel, over 64 MiB"; exit 1; }
 
+CALL=$(sed -nE 's/^CALL=([0-9]+).*/\1/p' bench/gpu/run.sh)  # the call's timeout, as run.sh plans its steps for it
 cat <<EOF
 
-Ready. The GPU check is one call of the device tool's run (at most 8 minutes of steps; logs come back under \$OUT;
-           a machine's start adds a minute or two: a rerun fits in the 15 minutes only if this one stops early):
+Ready. The GPU check is one call of the device tool's run (logs and summary.txt come back under \$OUT; a machine's
+           start adds a minute or two: a rerun fits in the 15 minutes only if this one stops early):
   command:   bash bench/gpu/run.sh
   carry:     [".gpu"]
-  timeout_s: 560
-Dry run here first (CPU, same steps, tiny runs):  bash bench/gpu/run.sh --dry-run
+  timeout_s: $CALL
+Rehearse it here first (the device's Python and packages, the CPU, tiny runs):  bash bench/gpu/rehearse.sh
 EOF

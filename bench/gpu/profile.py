@@ -20,12 +20,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 class EpochProfile(Callback):
     """Args:
-    output: Text file for the summary and the table.
+    output: Text file for the summary and the table; None: the table is printed too (after the summary).
     epoch: The training epoch to profile (0-based).
     rows: Rows of torch's op table.
     """
 
-    def __init__(self, output: str = "profile.txt", epoch: int = 1, rows: int = 30):
+    def __init__(self, output: str | None = "profile.txt", epoch: int = 1, rows: int = 30):
         self.output, self.epoch, self.rows = output, epoch, rows
         self.profiler: profile | None = None
         self.ranges: list = []
@@ -89,6 +89,7 @@ class EpochProfile(Callback):
             lines.append(f"  device busy (sum of kernel times): {busy:.1f} ms of {1e3 * wall:.1f} ms wall")
         sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         table = events.table(sort_by=sort, row_limit=self.rows)
-        Path(self.output).write_text("\n".join(lines) + "\n\n" + table + "\n")
-        print("\n".join(lines), flush=True)
+        if self.output:
+            Path(self.output).write_text("\n".join(lines) + "\n\n" + table + "\n")
+        print("\n".join(lines) + ("" if self.output else "\n\n" + table), flush=True)
         self.profiler = None

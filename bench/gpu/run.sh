@@ -1,83 +1,143 @@
 #!/usr/bin/env bash
 # The GPU check in one call, on the device machine (bench/gpu/prepare.sh builds what it carries, and prints the call):
-#   bash bench/gpu/run.sh              # there: with carry [".gpu"] and timeout_s 560, at most 8 minutes of steps
-#   bash bench/gpu/run.sh --dry-run    # here: the same steps on the CPU accelerator, each run cut to a few batches
-# Steps: install the carried wheels (the image's torch stays), unpack the 50k JPEGs, `pytest -m cuda`, the fast recipe
-# (3 seeds; then compiled), the tutorial recipe's throughput against the tutorial's code and a raw loop, and a
-# profile of one fast-recipe epoch. A step that fails or runs out of time is reported; the others still run.
-# Logs go to $OUT (the device tool brings them back; at most 8 files); one summary is printed last.
+#   bash bench/gpu/run.sh              # there: carry [".gpu"], timeout_s $CALL
+#   bash bench/gpu/run.sh --dry-run    # the same steps on the CPU accelerator, each run cut to a few batches; run it
+#                                      # through bench/gpu/rehearse.sh: the device's Python and packages, minus CUDA
+# Setup: the carried wheels after the image's own packages (install.sh), the 50k JPEGs unpacked, the versions.
+# Then the steps, in order of value per second: the CUDA tests (pytest -m cuda), the fast recipe (3 seeds), the
+# tutorial recipe's throughput against the tutorial's code and a raw loop, a profiled fast-recipe epoch, and last
+# the fast recipe compiled (two epochs of full batches: one compilation). Each step has a time limit; the limits,
+# the setup's and a margin add up to the call's timeout (checked before anything runs). A step that fails or runs
+# out of time is reported and the next one runs; one hung test is stopped by its own timeout (pytest-timeout).
+# Each step adds its result to $OUT/summary.txt as it ends, so a call killed at its limit still brings back what
+# ran. $OUT holds summary.txt, setup.log and one log a step: at most 8 files come back (checked with the budget).
+# A step is one line in `steps` below: NAME, its limit in seconds on the GPU, the command.
 set -u
 cd "$(dirname "$0")/../.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-$(mktemp -d /tmp/gpu-out.XXXX)}
-BUDGET=${BUDGET:-$([ $DRY -eq 1 ] && echo 2400 || echo 480)}  # seconds for all steps: the call's 560 s less a margin
-SCALE=$([ $DRY -eq 1 ] && echo 5 || echo 1)  # each step's time limit x SCALE: the dry run's 2 CPU cores are slower
-START=$SECONDS
-DATA=/tmp/cifar10-jpeg
+SCRATCH=${SCRATCH:-/tmp}  # the installed wheels, the unpacked images and the runs (the rehearsal gives its own)
+CALL=560    # the call's timeout_s, seconds (prepare.sh prints it): at most 10 minutes, and a machine's start
+            # (1-2 minutes) comes out of the session's 15 minutes of device time too
+MARGIN=30   # seconds of the call no limit may use: a killed step's 10 s to exit, the tool's own start and end
+SETUP=45    # seconds for the setup: installing the wheels (20), unpacking 50k JPEGs (10), importing for versions (15)
+MAX_FILES=8 # the files the device tool brings back from $OUT
+SCALE=$([ $DRY -eq 1 ] && echo "${DRY_SCALE:-6}" || echo 1)  # every limit x SCALE in a dry run: 2 CPU cores, no GPU
+                                                               # (DRY_SCALE: more where others load the cores)
+BUDGET=$(((CALL - MARGIN) * SCALE))
+SITE=$SCRATCH/site
+DATA=$SCRATCH/cifar10-jpeg
 SUMMARY=$OUT/summary.txt
-export PYTHONUNBUFFERED=1 WANDB_SILENT=true WANDB_MODE=offline
-: >"$SUMMARY"
+export PYTHONUNBUFFERED=1 WANDB_SILENT=true WANDB_MODE=offline PYTHONPATH=$PWD  # the project; the wheels: install.sh
+
+if [ $DRY -eq 1 ]; then
+  export CIFAR_CUDA_TESTS_ON=cpu  # tests/test_cuda.py on the CPU accelerator
+  ACCEL=(--trainer.accelerator cpu --trainer.precision 32)
+  CUT=(--trainer.limit_train_batches 3 --trainer.limit_val_batches 2)     # a few batches of each run
+  SHORT=(--trainer.max_epochs 1 --trainer.check_val_every_n_epoch 1 "${CUT[@]}")
+  FULL_BATCHES=3                         # the compiled step's batches an epoch
+  STEPS=(--steps 12 --warmup 4)
+  WORKERS=2                              # pytest-xdist processes for the CUDA tests
+else
+  ACCEL=()
+  CUT=()
+  SHORT=()
+  FULL_BATCHES=29  # 45,000 / 1536: the full batches of an epoch; the short 30th (456) would compile again
+  STEPS=(--steps 400 --warmup 100)
+  WORKERS=4        # 16 cores, one GPU: each test's processes are small
+fi
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
-# step NAME SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log, for at most SECONDS (less if the
-# budget has less left), and notes its exit status, time and result lines in the summary.
+# step NAME SECONDS COMMAND...: in the plan, adds SECONDS (x SCALE) to the limits; in the run, runs COMMAND with
+# its output in $OUT/NAME.log for at most that long (less if the budget has less left; SECONDS+: all that is left),
+# and adds its exit status, time and result lines to the summary.
+PLANNING=1 PLANNED=$((SETUP * SCALE)) NSTEPS=0
 step() {
-  local name=$1 limit=$(($2 * SCALE))
+  local name=$1 limit=$((${2%+} * SCALE)) rest=$([ "${2: -1}" = + ] && echo 1 || echo 0)
   shift 2
+  if [ $PLANNING -eq 1 ]; then
+    PLANNED=$((PLANNED + limit)) NSTEPS=$((NSTEPS + 1))
+    return
+  fi
   local left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt 20 ]; then
     say "SKIP  $name: ${left} s of the budget left"
     return
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  [ "$limit" -gt "$left" ] || [ $rest -eq 1 ] && limit=$left
+  say "run   $name: limit $limit s, at $((SECONDS - START)) s"
   local began=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  local status=ok
-  [ $rc -ne 0 ] && status="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", out of its ${limit} s"))"
-  say "$(printf '%-5s %-11s %4d s' "${status%% *}" "$name" $((SECONDS - began)))  ${status#ok}"
-  grep -E "passed|failed|error|seed [0-9]|seeds:|fit phases|images/s|app / |fastest|ms a step|host time|device busy" \
-    "$OUT/$name.log" | grep -v "^\s*$" | tail -12 | sed 's/^/      /' | tee -a "$SUMMARY"
+  local status=ok detail=""
+  [ $rc -ne 0 ] && status=FAIL detail="(exit $rc$([ $rc -eq 124 ] && echo ", out of its ${limit} s"))"
+  say "$(printf '%-5s %-11s %4d s of %d' $status "$name" $((SECONDS - began)) "$limit")  $detail"
+  grep -iE "passed|failed|error|timeout|seed [0-9]|seeds:|fit phases|images/s|app / |fastest|ms a step|host time|device busy|recompil" \
+    "$OUT/$name.log" | grep -v "^\s*$" | cut -c1-300 | tail -12 | sed 's/^/      /' | tee -a "$SUMMARY"
 }
 
-if [ $DRY -eq 1 ]; then
-  say "DRY RUN on the CPU: $(nproc) cores, $(python3 -c 'import torch; print("torch", torch.__version__)')"
-  export CIFAR_CUDA_TESTS_ON=cpu  # tests/test_cuda.py on the CPU accelerator
-  ACCEL=(--trainer.accelerator cpu)
-  SHORT=(--trainer.max_epochs 1 --trainer.check_val_every_n_epoch 1 --trainer.limit_train_batches 3
-         --trainer.limit_val_batches 2 --trainer.precision 32)  # fmt: a few batches of each run
-  STEPS=(--steps 12 --warmup 4)
-else
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
-    >"$OUT/install.log" 2>&1 || { echo "installing the carried wheels failed:"; tail -20 "$OUT/install.log"; exit 1; }
-  ACCEL=()
-  SHORT=()
-  STEPS=(--steps 400 --warmup 100)
+steps() {
+  step tests 120 python3 -m pytest -m cuda -v -p no:cacheprovider -n $WORKERS --timeout $((100 * SCALE)) \
+    tests/test_cuda.py
+  step fast 110 python3 bench/fast.py --data "$DATA" --seeds 0 1 2 -- "${ACCEL[@]}" "${SHORT[@]}"
+  step throughput 90 python3 bench/throughput.py --data "$DATA" "${STEPS[@]}" --repeats 1 --no-options
+  step profile 45 python3 main.py fit --config configs/fast.yaml --data.data_dir "$DATA" --trainer.logger false \
+    --trainer.enable_progress_bar false --trainer.default_root_dir "$SCRATCH/profile-run" --trainer.max_epochs 2 \
+    --trainer.check_val_every_n_epoch 2 --trainer.callbacks+=bench.gpu.profile.EpochProfile \
+    --trainer.callbacks.output null "${ACCEL[@]}" "${CUT[@]}"
+  # Compiled last, with what is left: its compilation (forward and backward, from a cold cache) is the least
+  # predictable cost. Full batches only and no validation, so it compiles once; epoch 1 is the compiled speed.
+  step compiled 75+ env TORCH_LOGS=recompiles python3 main.py fit --config configs/fast.yaml --model.compile true \
+    --data.data_dir "$DATA" --trainer.logger false --trainer.enable_progress_bar false --trainer.max_epochs 2 \
+    --trainer.limit_train_batches $FULL_BATCHES --trainer.limit_val_batches 0 \
+    --trainer.default_root_dir "$SCRATCH/compiled-run" --trainer.callbacks+=bench.gpu.epochs.EpochTimes \
+    --trainer.callbacks+=bench.timer.FitTimer "${ACCEL[@]}"
+}
+
+# The plan: the limits and the setup's, with the margin, fit the call; the logs fit what comes back.
+steps
+PLANNING=0
+if [ $PLANNED -gt $BUDGET ] || [ $((NSTEPS + 2)) -gt $MAX_FILES ]; then
+  echo "error: the plan is $PLANNED s of the ${BUDGET} s budget and $((NSTEPS + 2)) files of $MAX_FILES: cut a step"
+  exit 2
 fi
-export PYTHONPATH=$PWD
-[ $DRY -eq 0 ] && export PYTHONPATH=$PWD:/tmp/site  # the carried wheels, after the project
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  python3 -c "import sys, torch, lightning, torchmetrics, wandb, jsonargparse as j; print('python', sys.version.split()[0], \
-'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'lightning', lightning.__version__, 'torchmetrics', \
-torchmetrics.__version__, 'wandb', wandb.__version__, 'jsonargparse', j.__version__)"
-  echo "$(nproc) cores"
-} 2>&1 | tee -a "$SUMMARY"
 
-mkdir -p "$DATA"
-[ -d "$DATA/train" ] || tar -xzf .gpu/cifar10-train-jpeg.tar.gz -C "$DATA" 2>/dev/null || tar -xzf ../shared/data/cifar10-train-jpeg.tar.gz -C "$DATA"
+START=$SECONDS
+mkdir -p "$OUT"
+: >"$SUMMARY"
+say "plan: setup $((SETUP * SCALE)) s + $NSTEPS steps = $PLANNED s of $BUDGET ($((BUDGET - PLANNED)) s to spare);" \
+  "call $((CALL * SCALE)) s$([ $DRY -eq 1 ] && echo ", DRY RUN on the CPU (limits x $SCALE)")"
 
-step tests 180 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
-step fast 100 python3 bench/fast.py --data "$DATA" --seeds 0 1 2 -- "${ACCEL[@]}" "${SHORT[@]}"
-step compiled 100 python3 bench/fast.py --data "$DATA" --seeds 0 -- --model.compile true "${ACCEL[@]}" "${SHORT[@]}"
-step profile 50 python3 main.py fit --config configs/fast.yaml --data.data_dir "$DATA" --trainer.logger false \
-  --trainer.enable_progress_bar false --trainer.default_root_dir /tmp/profile-run --trainer.max_epochs 2 \
-  --trainer.check_val_every_n_epoch 2 --trainer.callbacks+=bench.gpu.profile.EpochProfile \
-  --trainer.callbacks.output "$OUT/torch-profile.txt" "${ACCEL[@]}" \
-  $([ $DRY -eq 1 ] && echo "--trainer.limit_train_batches 3 --trainer.limit_val_batches 2 --trainer.precision 32")
+# Setup. Where python3 has wandb already, it is not the device's environment: install.sh would add to it.
+if [ $DRY -eq 1 ] && python3 -c "import wandb" 2>/dev/null; then
+  say "error: this python3 has wandb: dry-run in the device's environment, bash bench/gpu/rehearse.sh"
+  exit 2
+fi
+(
+  { command -v nvidia-smi >/dev/null &&
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader; } || echo "no nvidia-smi"
+  # Not on a GPU machine, the real call stops here, before install.sh adds to this python3 (rehearse.sh instead).
+  [ $DRY -eq 1 ] || python3 -c "import sys, torch
+sys.exit(0 if torch.cuda.is_available() else 'error: torch sees no CUDA device')" || exit 1
+  timeout $((20 * SCALE)) bash bench/gpu/install.sh "$SITE" || exit 1
+  archive=.gpu/cifar10-train-jpeg.tar.gz
+  [ -f $archive ] || archive=../shared/data/cifar10-train-jpeg.tar.gz  # a dry run beside the shared data
+  [ -d "$DATA/train" ] || { mkdir -p "$DATA" && timeout $((10 * SCALE)) tar -xzf $archive -C "$DATA"; } || exit 1
+  echo "$(nproc) cores; images: $(find "$DATA/train" -type f | wc -l)"
+  timeout $((15 * SCALE)) python3 -c "import sys, torch, lightning, torchmetrics, torchvision, onnx, wandb, jsonargparse as j
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'lightning',
+      lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'torchvision', torchvision.__version__, 'onnx',
+      onnx.__version__, 'wandb', wandb.__version__, 'jsonargparse', j.__version__)
+sys.exit(0 if torch.cuda.is_available() or $DRY else 'error: torch sees no CUDA device')" || exit 1
+) >"$OUT/setup.log" 2>&1
+rc=$?
+say "$(printf '%-5s %-11s %4d s of %d' "$([ $rc -eq 0 ] && echo ok || echo FAIL)" setup $((SECONDS - START)) $((SETUP * SCALE)))"
+grep -iE "nvidia|H100|H200|no nvidia-smi|cores|python |wheels|image's own|warning|error" "$OUT/setup.log" | cut -c1-400 |
+  sed 's/^/      /' | tee -a "$SUMMARY"
+[ $rc -eq 0 ] || { tail -20 "$OUT/setup.log"; exit 1; }
 
-step throughput 60 python3 bench/throughput.py --data "$DATA" "${STEPS[@]}" --repeats 1 --no-options
-
-say "total $((SECONDS - START)) s; logs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+steps
+say "total $((SECONDS - START)) s of $((CALL * SCALE)); $(find "$OUT" -type f | wc -l) files in \$OUT" \
+  "(at most $MAX_FILES come back): $(ls "$OUT" | tr '\n' ' ')"
