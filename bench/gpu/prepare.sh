@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 WHEELS=.gpu/wheels
 # What the device image lacks (the device tool's KINDS.md lists what it has: torch 2.11, lightning 2.6.6,
 # torchmetrics, torchvision, onnx, onnxruntime, onnxscript, rich, matplotlib, pytest, ...).
-NEEDED="wandb jsonargparse[signatures]"
+NEEDED="wandb jsonargparse[signatures,ruamel]"
 PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any"
 TARGET="--only-binary=:all: --python-version 3.12 --implementation cp $PLATFORMS"

@@ -20,7 +20,7 @@ REPO=$PWD
 PYTHON312=${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}
 IMAGE="torch==2.11.0 torchvision==0.26.0 torchmetrics==1.9.0 lightning==2.6.6 pytorch-lightning==2.6.6 onnx==1.23.1
 onnxruntime==1.30.0 onnxscript==0.7.2 onnx-ir==1.0.0 numpy==2.5.2 pytest pytest-timeout pytest-xdist pillow pyyaml rich
-matplotlib tensorboard protobuf requests psutil"  # the image's versions where KINDS.md gives them; the rest: the newest
+matplotlib tensorboard protobuf requests psutil timm"  # the image's versions where KINDS.md gives them; the rest: the newest
 ENV=${REHEARSAL_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cifar-gpu-rehearsal/py3.12-torch2.11.0}
 PTH=$ENV/lib/python3.12/site-packages/cifar-gpu-wheels.pth  # install.sh's; removed after each rehearsal
 began=$SECONDS

@@ -5,7 +5,8 @@
 #                                      # through bench/gpu/rehearse.sh: the device's Python and packages, minus CUDA
 # Setup: the carried wheels after the image's own packages (install.sh), the 50k JPEGs unpacked, the versions.
 # Then the steps, in order of value per second: the CUDA tests (pytest -m cuda), the fast recipe (3 seeds), the
-# tutorial recipe's throughput against the tutorial's code and a raw loop, a profiled fast-recipe epoch, and last
+# tutorial recipe's throughput against the tutorial's code and a raw loop, the first 40 steps of ResNet-18 and
+# WRN-28-10 (configs/resnet18.yaml, configs/wrn28_10.yaml), a profiled fast-recipe epoch, and last
 # the fast recipe compiled (two epochs of full batches: one compilation). Each step has a time limit; the limits,
 # the setup's and a margin add up to the call's timeout (checked before anything runs). A step that fails or runs
 # out of time is reported and the next one runs; one hung test is stopped by its own timeout (pytest-timeout).
@@ -83,13 +84,19 @@ steps() {
     tests/test_cuda.py
   step fast 110 python3 bench/fast.py --data "$DATA" --seeds 0 1 2 -- "${ACCEL[@]}" "${SHORT[@]}"
   step throughput 90 python3 bench/throughput.py --data "$DATA" "${STEPS[@]}" --repeats 1 --no-options
-  step profile 45 python3 main.py fit --config configs/fast.yaml --data.data_dir "$DATA" --trainer.logger false \
+  # The classic recipes (issue 29), as their configs say: the seconds of their first 40 steps, ResNet-18 then
+  # WRN-28-10 (bench/timer.py's fit phases), each process decoding the 50k JPEGs first (about 16 s).
+  step recipes 55 bash -c 'for config in resnet18 wrn28_10; do python3 main.py fit --config configs/$config.yaml \
+    --data.data_dir "$0" --trainer.logger false --trainer.enable_progress_bar false --trainer.max_epochs 1 \
+    --trainer.limit_train_batches 40 --trainer.limit_val_batches 2 --trainer.default_root_dir "$1/$config-run" \
+    --trainer.callbacks+=bench.timer.FitTimer "${@:2}" || exit; done' "$DATA" "$SCRATCH" "${ACCEL[@]}" "${CUT[@]}"
+  step profile 40 python3 main.py fit --config configs/fast.yaml --data.data_dir "$DATA" --trainer.logger false \
     --trainer.enable_progress_bar false --trainer.default_root_dir "$SCRATCH/profile-run" --trainer.max_epochs 2 \
     --trainer.check_val_every_n_epoch 2 --trainer.callbacks+=bench.gpu.profile.EpochProfile \
     --trainer.callbacks.output null "${ACCEL[@]}" "${CUT[@]}"
   # Compiled last, with what is left: its compilation (forward and backward, from a cold cache) is the least
   # predictable cost. Full batches only and no validation, so it compiles once; epoch 1 is the compiled speed.
-  step compiled 75+ env TORCH_LOGS=recompiles python3 main.py fit --config configs/fast.yaml --model.compile true \
+  step compiled 70+ env TORCH_LOGS=recompiles python3 main.py fit --config configs/fast.yaml --model.compile true \
     --data.data_dir "$DATA" --trainer.logger false --trainer.enable_progress_bar false --trainer.max_epochs 2 \
     --trainer.limit_train_batches $FULL_BATCHES --trainer.limit_val_batches 0 \
     --trainer.default_root_dir "$SCRATCH/compiled-run" --trainer.callbacks+=bench.gpu.epochs.EpochTimes \
