@@ -205,4 +205,9 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: W&B could not start the run ({first_line(error)}). Log offline with "
               f"--trainer.logger.init_args.offline true and upload later with `wandb sync`, or wait longer "
               f"with WANDB_INIT_TIMEOUT=<seconds>", file=sys.stderr)  # fmt: skip
+        if args is None:  # the command line's own process
+            # W&B's exit handler waits for its service, which can go on retrying the unreachable server for
+            # minutes (seen: over 6): leave now; the service watches this process and ends with it.
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
