@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cifar.datasets import folder_classes, list_folder, read_folder  # noqa: E402
+from cifar.readers import folder_classes, list_folder, read_folder  # noqa: E402
 from cifar.nets import TutorialCNN  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from torchvision.datasets import CIFAR10
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timer import BatchTimer  # noqa: E402
-from cifar.datasets import folder_classes, list_folder, read_folder  # noqa: E402
+from cifar.readers import folder_classes, list_folder, read_folder  # noqa: E402
 
 
 class TreeCIFAR10(CIFAR10):

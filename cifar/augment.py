@@ -5,7 +5,6 @@ global random state, one op for a whole batch: they run image by image, in a for
 batch's key (`seeded`)."""
 
 import contextlib
-import hashlib
 import math
 from typing import Literal
 
@@ -15,26 +14,13 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from cifar.errors import UserError
+from cifar.resume import batch_key
 
 
 def reflect(index: Tensor, size: int) -> Tensor:
     """Indices past either edge mirrored back inside (edge not repeated), as `F.pad(mode="reflect")`."""
     index = index.abs()
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
-
-
-def batch_key(*parts) -> int:
-    """A seed in [0, 2**63) that depends on `parts` alone (e.g. run seed, DDP rank, epoch, batch in the epoch)."""
-    key = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(key, "little") >> 1  # seeds are < 2**63
-
-
-def batch_generator(device: torch.device, seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
-    """The random generator of one training batch, on `device`, seeded by (run seed, DDP rank, epoch, batch in the
-    epoch) alone: a resumed run draws the same augmentation for the same batch whatever ran before, and each rank
-    draws its own (a shared stream would give every rank the same flips and shifts). Seeding: no device sync. Draws
-    that cannot take it derive their own key from its seed: `batch_key(generator.initial_seed(), "name")`."""
-    return torch.Generator(device).manual_seed(batch_key(seed, rank, epoch, batch))
 
 
 @contextlib.contextmanager

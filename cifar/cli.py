@@ -1,10 +1,11 @@
-"""The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, plain
-typed functions for the tools (export, serve), and every mistake a user can make as one line with exit code 2.
+"""The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, the tools
+export and serve, and every mistake a user can make as one line with exit code 2. Every command takes `--config`
+and `--ckpt_path best|last|PATH`, and rebuilds a checkpoint's model one way: from the config the checkpoint holds,
+then `--config` files, then the command line (README, "Runs")."""
 
-Every command takes `--config` and `--ckpt_path best|last|PATH` (README, "Runs"); the run's directory, W&B id,
-record, lock and what a checkpoint may be evaluated on are `cifar/run.py`'s.
-"""
-
+import argparse
+import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -14,118 +15,100 @@ from pathlib import Path
 import wandb
 import wandb.errors
 import yaml
-from jsonargparse import ArgumentError, ArgumentParser, Namespace
-from jsonargparse.typing import Path_fr
+from jsonargparse import ActionConfigFile, ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from cifar import run
-from cifar.checkpoints import load_checkpoint
+from cifar import loggers, run
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError, first_line
 from cifar.export import export
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
+from cifar.resume import RandomState, Stopped, StopOnSignal
 from cifar.serve import serve
-from cifar.stopping import RandomState, Stopped, StopOnSignal
 
 TOOLS = {"export": export, "serve": serve}  # subcommands that are not training: `main.py export --help`
 
 
 class CifarCLI(LightningCLI):
-    """LightningCLI with linked class counts, `--ckpt_path best|last`, a checkpoint's own config, and the run record
-    of `cifar/run.py`."""
+    """LightningCLI with linked class counts, `--ckpt_path best|last`, a checkpoint's own config, and the run's
+    lifetime: opened once the config is known, closed when the command ends, however it ends (`cifar/run.py`)."""
+
+    def __init__(self, *args, **kwargs):
+        with contextlib.ExitStack() as self.lifetime:
+            super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decides the number of classes; model and net follow (no number typed twice).
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")  # saved in checkpoints
+        parser.add_argument("--allow_overlap", type=bool, default=False, help="Evaluate a checkpoint (validate, test, "
+                            "fit from it) even on images it trained on, the results marked 'overlaps training data'")  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse; with a checkpoint, read it (once) and parse the same arguments again on top of its config, so that
         `--config` files and the options typed win over it, and `test --ckpt_path best` needs no `--config`."""
         super().parse_arguments(parser, args)
-        self.checkpoint = None
-        command = self.config.get("subcommand")
-        if not (command and self.config[command].get("ckpt_path")):
-            return
-        config = self.config[command]
-        ckpt_path = run.find_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir))
-        self.checkpoint = load_checkpoint(ckpt_path)
-        start = parser.parse_object({"subcommand": command, command: run.config_of(self.checkpoint)}, defaults=False)
-        self.config = parser.parse_args(args, namespace=start)
-        self.config[command].ckpt_path = str(ckpt_path)
-        rank_zero_info(f"Config: checkpoint {ckpt_path}'s, then --config files and the command line")
+        command, self.checkpoint = self.config.get("subcommand"), None
+        if command and self.config[command].get("ckpt_path"):
+            config = self.config[command]
+            ckpt_path = run.find_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir))
+            self.checkpoint = run.load_checkpoint(ckpt_path)
+            start = parser.parse_object({"subcommand": command, command: run.config_of(self.checkpoint)}, defaults=False)
+            self.config = parser.parse_args(args, namespace=start)
+            self.config[command].ckpt_path = str(ckpt_path)
+            rank_zero_info(f"Config: checkpoint {ckpt_path}'s, then --config files and the command line")
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: `parse_arguments` has parsed the command line over the checkpoint's config. LightningCLI's own
-        step puts the checkpoint's hyperparameters over the command line (Lightning #21455): `--model.tta 1` is lost."""
+        step puts the checkpoint's hyperparameters over the command line (Lightning #21455)."""
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        self.run = run.Run.start(self.subcommand, Path(config.trainer.default_root_dir), config.ckpt_path)
-        if self.subcommand == "fit" and self.checkpoint:
-            self.run.trained_on = run.training_record(self.checkpoint) or []
-        # Before the trainer starts W&B: only a resumed run can have another writer (a new one has a new directory);
-        # rank 0 by the launcher's environment, as Lightning's rank_zero_only knows it this early.
-        held = self.run.lock() if self.run.resumed and rank_zero_only.rank == 0 else None
-        self.save_config_kwargs = {"run": self.run, "user_config": config.clone(), "held": held}
+        command, config = self.subcommand, self.config[self.subcommand]
+        self.given = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[command]  # before point_at
+        root = Path(config.trainer.default_root_dir)
+        self.run = self.lifetime.enter_context(run.open(command, root, config.ckpt_path))
+        self.run.trained_on = run.lineage(self.checkpoint, config.ckpt_path)
         point_at(self.run, config)
 
     def after_instantiate_classes(self) -> None:
         """Read the data now, so that a bad file, or an evaluation of a checkpoint on images it trained on, stops the
         command before anything is written (Lightning starts W&B before it sets the data up). Data still to be
         downloaded is read when the trainer runs, and cannot be checked."""
-        data = self.datamodule
-        if data.format is None and self.subcommand != "predict":
-            return
-        data.setup(self.subcommand)  # Lightning's stages are the commands' names
-        if self.checkpoint and self.subcommand != "predict":
-            ckpt_path = self.config[self.subcommand].ckpt_path
-            self.run.evaluation = run.evaluation(self.subcommand, data, self.checkpoint, ckpt_path)
-
-    def before_fit(self) -> None:
-        keep_freed_memory()  # training only: larger RSS for faster CPU steps (cifar/malloc.py)
+        command, config, data = self.subcommand, self.config[self.subcommand], self.datamodule
+        self.trainer.callbacks.append(run.RunRecord(self.run, self.given, config.ckpt_path))
+        read = data.format is not None or command == "predict"
+        if read:
+            data.setup(command)  # Lightning's stages are the commands' names
+        if command == "fit":  # training only, once the data is read: larger RSS for faster CPU steps (malloc.py)
+            keep_freed_memory()
+        if read and self.checkpoint and command != "predict":
+            fit_run = self.checkpoint.get("run", {}).get("name") or getattr(run.run_of(config.ckpt_path), "name", None)
+            e = self.run.evaluation = run.evaluation(command, data, self.run.trained_on, config.ckpt_path, fit_run)
+            if e["overlap"] and not config.allow_overlap:
+                what = "test" if command == "test" else "validation"
+                raise UserError(f"{e['overlap']} of the {e['images']} {what} images were used to train checkpoint "
+                                f"{e['checkpoint']} (it trained on {e['trained']}; this command's split: "
+                                f"{run.split_text(data.split)}). Evaluate honestly: leave --data.seed, --data.val_size "
+                                f"and --data.test_size off the command line (the checkpoint's split is used), or use "
+                                f"separate data (test/<class>/ folders, the official test batches); or pass "
+                                f"--allow_overlap true to evaluate them (marked '{run.OVERLAPS}')")  # fmt: skip
+            rank_zero_info(f"Evaluating {e['data']}: {e['note']}")
 
 
 def point_at(run_: run.Run, config: Namespace) -> None:
-    """Point the parsed config at the run: the trainer's root, every logger's `save_dir` (W&B: the run's id, the
-    command as job type, offline without a key), ModelCheckpoint's `dirpath` where unset. On the config because
-    LightningCLI builds the trainer, loggers and callbacks from it, and none takes a directory afterwards."""
+    """Point the parsed config at the run: the trainer's root, every logger, and ModelCheckpoint's `dirpath` where
+    unset (LightningCLI builds them from the config, and none takes a directory afterwards)."""
     config.trainer.default_root_dir = str(run_.dir)
-    for logger in entries(config.trainer.logger):
-        if "save_dir" in logger.init_args:
-            logger.init_args.save_dir = str(run_.dir)
-        if issubclass(class_of(logger.class_path), WandbLogger):
-            # Absolute: W&B resolves a relative dir against the working directory of the process's first run.
-            logger.init_args.save_dir = str(run_.dir.resolve())
-            if not (logger.init_args.get("version") or logger.init_args.get("id")):
-                logger.init_args.version = run_.id
-            logger.init_args.job_type = logger.init_args.get("job_type") or run_.command
-            offline_without_a_key(logger.init_args)
-    for callback in entries(config.trainer.callbacks):
-        if issubclass(class_of(callback.class_path), ModelCheckpoint) and not callback.init_args.get("dirpath"):
-            callback.init_args.dirpath = str(run_.dir / "checkpoints")
-
-
-def offline_without_a_key(init_args: Namespace) -> None:
-    """W&B's own settings decide online or offline, except that with no API key a run logs offline rather than
-    prompting or failing (and says how to upload it). `offline: true` or a `mode` in the config wins."""
-    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds; W&B's 90 is long to wait for an error
-    if init_args.get("offline") and init_args.get("log_model"):  # WandbLogger refuses the pair, in a traceback
-        raise UserError("log_model with offline: true: Lightning's WandbLogger refuses to log checkpoints offline. Drop "
-                        "offline (with no API key configured the run logs offline anyway, checkpoints included, for "
-                        "`wandb sync`) or log_model")  # fmt: skip
-    if init_args.get("offline") or init_args.get("mode"):
-        return
-    if (os.environ.get("WANDB_MODE") or wandb.setup().settings.mode) == "online" and not wandb.login(prompt=False):
-        init_args.mode = "offline"
-        rank_zero_info("W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline; "
-                       "upload it later with `wandb sync <run dir>/wandb`")  # fmt: skip
+    for entry in entries(config.trainer.logger):
+        loggers.point(entry, class_of(entry.class_path), run_)
+    for entry in entries(config.trainer.callbacks):
+        if issubclass(class_of(entry.class_path), ModelCheckpoint) and not entry.init_args.get("dirpath"):
+            entry.init_args.dirpath = str(run_.dir / "checkpoints")
 
 
 def class_of(class_path: str) -> type:
@@ -138,20 +121,56 @@ def entries(value) -> list[Namespace]:
     return [e for e in (value if isinstance(value, list) else [value]) if isinstance(e, Namespace) and "class_path" in e]
 
 
+def model_parser(**kwargs) -> LightningArgumentParser:
+    """A parser of training configs that builds the model alone: `model` as `fit` has it, the other sections read as
+    they are (`trainer.default_root_dir` says where `best` is)."""
+    parser = LightningArgumentParser(**kwargs)
+    parser.add_argument("--config", action=ActionConfigFile, help="Training configs (configs/*.yaml), over the "
+                        "checkpoint's config; `best` and `last` are looked up under their trainer.default_root_dir")  # fmt: skip
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="The checkpoint (required): `best` or "
+                        "`last` (of the latest run under trainer.default_root_dir, default runs/), or a .ckpt path")  # fmt: skip
+    parser.add_argument("--seed_everything", type=int | bool | None, default=None, help=argparse.SUPPRESS)
+    for section in ("trainer", "data"):
+        parser.add_argument(f"--{section}", type=dict, default={}, help=argparse.SUPPRESS)
+    parser.add_lightning_class_args(LitModel, "model")
+    return parser
+
+
+def rebuilt(parser: LightningArgumentParser, argv: list[str]) -> tuple[Namespace, LitModel, Path]:
+    """(options, model, checkpoint path): `--ckpt_path` resolved, the checkpoint read once, and its model rebuilt
+    as `test` rebuilds it (its config, then `--config` files and the command line), eager, with its weights."""
+    options = parser.parse_args(argv)
+    if not options.ckpt_path:
+        raise UserError("--ckpt_path is required: best, last or the path of a .ckpt file")
+    ckpt_path = run.find_checkpoint(options.ckpt_path, Path(options.trainer.get("default_root_dir") or "runs"))
+    checkpoint = run.load_checkpoint(ckpt_path)
+    start = parser.parse_object({"model": run.config_of(checkpoint).get("model") or {}}, defaults=False)
+    options = parser.parse_args(argv, namespace=start)
+    model = options.model
+    model.compile = model.channels_last = False  # the same function, eager and plain
+    if not model.classes:
+        model.classes = [str(i) for i in range(model.num_classes)]
+        print(f"note: {ckpt_path} holds no class names; they are numbered 0..{model.num_classes - 1}", file=sys.stderr)
+    model.num_classes = model.net.init_args.num_classes = len(model.classes)  # as `fit` links them from the data
+    lit_model = parser.instantiate_classes(Namespace(model=model)).model
+    lit_model.on_load_checkpoint(checkpoint)  # a network of another shape: one line, not Lightning's page
+    lit_model.load_state_dict(checkpoint["state_dict"])
+    return options, lit_model.eval(), ckpt_path
+
+
+def load_model(ckpt_path: str | Path, *args: str) -> LitModel:
+    """The model of a checkpoint (a path, `best` or `last`), rebuilt as every command rebuilds it, in eval mode;
+    `args`: more options, e.g. "--model.tta", "1"."""
+    return rebuilt(model_parser(), ["--ckpt_path", str(ckpt_path), *args])[1]
+
+
 def run_tool(name: str, argv: list[str]) -> None:
-    """A tool (`export`, `serve`) as a typed function, plus the options every command shares: `--config` says
-    where `best` and `last` look, and `--ckpt_path` is resolved as for training commands (cifar/run.py)."""
+    """A tool (`export`, `serve`): a typed function of the rebuilt model, with the options every command takes."""
     tool = TOOLS[name]
-    parser = ArgumentParser(prog=f"main.py {name}", exit_on_error=False, description=tool.__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path_fr | None, help="A training config (configs/*.yaml): `best` and `last` "
-                        "are looked up under its trainer.default_root_dir (default: runs/, every config's runs)")  # fmt: skip
-    parser.add_function_arguments(tool, as_group=False)
-    options = parser.parse_args(argv).as_dict()
-    config_path = options.pop("config", None)
-    config = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
-    root = Path(((config or {}).get("trainer") or {}).get("default_root_dir") or "runs")
-    options["ckpt_path"] = str(run.find_checkpoint(options["ckpt_path"], root))
-    tool(**options)
+    parser = model_parser(prog=f"main.py {name}", exit_on_error=False, description=tool.__doc__.split("\n")[0])
+    parser.add_function_arguments(tool, as_group=False, skip={"model", "ckpt_path"})
+    options, model, ckpt_path = rebuilt(parser, argv)
+    tool(model, ckpt_path, **{key: options[key] for key in list(inspect.signature(tool).parameters)[2:]})
 
 
 def main(args: list[str] | None = None) -> None:
@@ -162,24 +181,25 @@ def main(args: list[str] | None = None) -> None:
     # score it as they should, and Lightning's warning that the callback's state is not restored there is noise.
     warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback, but loading a checkpoint")
     # Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command, through plain Python logging.
-    lightning_console = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    lightning_console.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
     argv = sys.argv[1:] if args is None else args
     stopper = StopOnSignal()
     try:
         if argv and argv[0] in TOOLS:
-            run_tool(argv[0], argv[1:])
-            return
-        CifarCLI(
+            return run_tool(argv[0], argv[1:])
+        cli = CifarCLI(
             LitModel,
             CIFAR10DataModule,
-            save_config_callback=run.RunRecord,
+            save_config_callback=None,  # the run's record writes config.yaml (cifar/run.py)
             trainer_defaults={"default_root_dir": "runs", "callbacks": [stopper, RandomState()]},  # always there
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
+            load_from_checkpoint_support=False,  # a checkpoint holds its config once: in the run's record
             args=args,
             parser_kwargs={"exit_on_error": False,  # errors come to us: one line, not the whole usage
                            "epilog": f"tools: {', '.join(TOOLS)} (main.py export --help, main.py serve --help)"},  # fmt: skip
         )
+        if (e := cli.run.evaluation) and e["overlap"] and cli.subcommand in ("validate", "test"):
+            rank_zero_info(f"The results above: {e['note']}")  # after Lightning's table
     except Stopped as stop:
         if stopper.trainer is None or stopper.trainer.is_global_zero:
             print(stopper.report(), file=sys.stderr)
@@ -194,9 +214,8 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except ArgumentError as error:  # unknown key, wrong type, unreadable --config file
-        message = " ".join(str(error).split())  # jsonargparse spreads some messages over lines
         command = f"main.py {argv[0]} --help" if argv and argv[0] in TOOLS else "main.py SUBCOMMAND --help"
-        print(f"error: {message} (the options and their types: {command})", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())} (the options and their types: {command})", file=sys.stderr)
         sys.exit(2)
     except (UserError, MisconfigurationException) as error:  # ours, and Lightning's for bad trainer values
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -205,9 +224,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: W&B could not start the run ({first_line(error)}). Log offline with "
               f"--trainer.logger.init_args.offline true and upload later with `wandb sync`, or wait longer "
               f"with WANDB_INIT_TIMEOUT=<seconds>", file=sys.stderr)  # fmt: skip
-        if args is None:  # the command line's own process
-            # W&B's exit handler waits for its service, which can go on retrying the unreachable server for
-            # minutes (seen: over 6): leave now; the service watches this process and ends with it.
+        if args is None:  # W&B's exit handler would wait for its service, which may go on retrying the server
             sys.stderr.flush()
-            os._exit(2)
+            os._exit(2)  # the service watches this process and ends with it
         sys.exit(2)

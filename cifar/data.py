@@ -2,9 +2,8 @@
 
 Batches are (uint8 images (N, 3, 32, 32), int64 labels (N,)), gathered with one tensor index per
 batch (`__getitems__`), never one PIL image per sample; training batches are augmented on the device
-(`cifar/augment.py`) and the model normalizes them there. What a checkpoint may be evaluated on is not
-this module's business: it exposes what it read and chose (`sources`, `split`, `val_index`, `test_index`,
-`held_out`), and `cifar/run.py` checks that against what the checkpoint trained on.
+(`cifar/augment.py`) and the model normalizes them there. It exposes what it read and drew (`sources`, `split`);
+whether a checkpoint may be evaluated on it is `cifar/run.py`'s decision.
 """
 
 from functools import cached_property
@@ -16,12 +15,12 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cifar import datasets
-from cifar.augment import BatchAugment, batch_generator
+from cifar import readers
+from cifar.augment import BatchAugment
 from cifar.errors import UserError
-from cifar.loaders import EpochShuffle, ResumableLoader, TensorBatches, keep_batch
+from cifar.resume import EpochShuffle, ResumableLoader, batch_generator, epoch_progress
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -42,6 +41,30 @@ def split_indices(n: int, seed: int, val_size: int | float, test_size: int | flo
     n_val = count(val_size, n - n_test, "val_size")
     order = torch.randperm(n, generator=generator)
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test], generator
+
+
+class TensorBatches(Dataset):
+    """Images and targets held as two tensors; a DataLoader fetches a whole batch with one index op."""
+
+    def __init__(self, images: Tensor, targets: Tensor):
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        # The index goes to the images' device first, without waiting: a CPU index into GPU tensors would be a
+        # blocking copy at every batch.
+        index = torch.tensor(indices).to(self.images.device, non_blocking=True)
+        return self.images[index], self.targets[index]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """collate_fn for TensorBatches: the batch is already stacked."""
+    return batch
 
 
 class CIFAR10DataModule(LightningDataModule):
@@ -92,8 +115,6 @@ class CIFAR10DataModule(LightningDataModule):
         data_on_device: When training on a GPU (any accelerator), keep the decoded images there (CIFAR-10:
             180 MB of uint8), so batches are gathered and augmented there and never cross the bus (with
             `num_workers` 0 only: worker processes cannot index GPU memory).
-        allow_overlap: Evaluate a checkpoint even on images it trained on (a split other than its own);
-            the results are then marked "overlaps training data". Without it, that is an error (cifar/run.py).
     """
 
     def __init__(
@@ -121,10 +142,8 @@ class CIFAR10DataModule(LightningDataModule):
         cutmix_alpha: NonNegativeFloat = 0.0,
         mix_prob: ClosedUnitInterval = 1.0,
         data_on_device: bool = True,
-        allow_overlap: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.batch_size, self.num_workers = batch_size, num_workers
         # Plain numbers: jsonargparse's checked types are subclasses, which checkpoints read with
@@ -139,28 +158,27 @@ class CIFAR10DataModule(LightningDataModule):
         self.augment = BatchAugment(flip, translate, brightness, contrast, cutout, policy, randaugment_ops,
                                     randaugment_magnitude, erasing, erasing_fill, mixup_alpha, cutmix_alpha,
                                     mix_prob)  # fmt: skip
-        self.allow_overlap = allow_overlap
         self.predict_files: list[Path] = []
         self.predict_dataset: TensorBatches | None = None
-        self.sources: dict[str, dict] = {}  # "train"/"test": datasets.source() of each split read
+        self.sources: dict[str, dict] = {}  # "train"/"test": readers.source() of each split read
         self.split: dict | None = None  # the split options and the counts they gave, once the training pool is read
-        self.held_out: Tensor | None = None  # indices into the training pool never trained on (val + test)
         self.train_sampler: EpochShuffle | None = None  # its seed (the run's, or a resumed checkpoint's) seeds augmentation
+        self.val_index = self.test_index = None  # into the training pool: what validate and test evaluate
 
     @property
     def format(self) -> str | None:
-        return datasets.detect_format(self.data_dir)
+        return readers.detect_format(self.data_dir)
 
     @cached_property
     def classes(self) -> list[str]:
         """Class names, index = label: the official release's, or the training folder's class folders."""
         if self.format == "official":
-            return datasets.official_classes(self.data_dir)
+            return readers.official_classes(self.data_dir)
         if self.format == "folder":
-            return datasets.folder_classes(self.data_dir / "train")
+            return readers.folder_classes(self.data_dir / "train")
         if self.download:
             return CIFAR10_CLASSES  # what prepare_data will download
-        raise UserError(datasets.missing_data_message(self.data_dir))
+        raise UserError(readers.missing_data_message(self.data_dir))
 
     @property
     def num_classes(self) -> int:
@@ -170,8 +188,8 @@ class CIFAR10DataModule(LightningDataModule):
         """Download the official release when nothing is there (the only place that downloads)."""
         if self.format is None:
             if not self.download:
-                raise UserError(datasets.missing_data_message(self.data_dir))
-            datasets.download_official(self.data_dir)
+                raise UserError(readers.missing_data_message(self.data_dir))
+            readers.download_official(self.data_dir)
 
     def setup(self, stage: str) -> None:
         """Read what `stage` needs, once (the CLI sets the data up before the trainer does), and move it to the
@@ -202,26 +220,25 @@ class CIFAR10DataModule(LightningDataModule):
         split = "train" if train else "test"
         files = None
         if self.format == "official":
-            images, labels, _ = datasets.read_official(self.data_dir, train)
+            images, labels, _ = readers.read_official(self.data_dir, train)
         elif not (split_dir := self.data_dir / split).is_dir():
             raise UserError(f"{self.data_dir} has no test split ({split_dir} is missing): add test/<class>/ folders "
                             f"there, hold out part of the training images with --data.test_size 5000, or evaluate "
                             f"on the validation images with `validate`")  # fmt: skip
         else:
-            files, labels = datasets.list_folder(split_dir, self.classes, strict=not self.skip_bad_images)
-            images, labels = datasets.read_folder(split_dir, files, labels, self.skip_bad_images)
+            files, labels = readers.list_folder(split_dir, self.classes, strict=not self.skip_bad_images)
+            images, labels = readers.read_folder(split_dir, files, labels, self.skip_bad_images)
         # The count of images read, not of files listed: the split is drawn over what was read.
-        self.sources[split] = datasets.source(self.data_dir, split, files=files, images=len(images))
+        self.sources[split] = readers.source(self.data_dir, split, files=files, images=len(images))
         return images, labels
 
     def _split(self) -> None:
         images, labels = self._read(train=True)
         # Seeded by `seed` alone: the same split in fit, and in test run later elsewhere.
         train, val, test, generator = split_indices(len(images), self.seed, self.val_size, self.test_size)
-        self.val_index, self.test_index = val, test  # into the training pool: what validate and test evaluate
+        self.val_index, self.test_index = val, test
         self.split = {"seed": self.seed, "val_size": self.val_size, "test_size": self.test_size,
                       "train": len(train), "val": len(val), "test": len(test)}  # fmt: skip
-        self.held_out = torch.cat([val, test]).sort().values.int()
         self.train_dataset = TensorBatches(images[train], labels[train])
         self.augment.prepare(self.train_dataset.images, generator)
         self.val_dataset = TensorBatches(images[val], labels[val])
@@ -234,10 +251,10 @@ class CIFAR10DataModule(LightningDataModule):
             raise UserError("predict needs your images: pass --data.predict_dir DIR (a folder of PNG/JPEG files)")
         if not self.predict_dir.is_dir():
             raise UserError(f"--data.predict_dir {self.predict_dir} is not a folder")
-        files = datasets.image_files(self.predict_dir, strict=False)
+        files = readers.image_files(self.predict_dir, strict=False)
         if not files:
             raise UserError(f"no PNG or JPEG images in {self.predict_dir}")
-        images, kept = datasets.read_images(files, skip_bad=self.skip_bad_images)
+        images, kept = readers.read_images(files, skip_bad=self.skip_bad_images)
         self.predict_files = [files[i] for i in kept]
         return TensorBatches(images, torch.arange(len(images)))
 
@@ -249,9 +266,7 @@ class CIFAR10DataModule(LightningDataModule):
         images, labels = batch
         self.augment.to(images.device)  # once: a no-op when its statistics are already there
         epoch = self.trainer.current_epoch
-        # This batch's place in the epoch: Lightning counts it as ready only after this hook (and a resumed fit
-        # restores the count), so the batch gets the same generator in every run that reaches it.
-        place = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        place = epoch_progress(self.trainer).ready  # this batch's place in the epoch: ready only after this hook
         seed = self.train_sampler.seed if self.train_sampler else torch.initial_seed()
         generator = batch_generator(images.device, seed, self.trainer.global_rank, epoch, place)
         return self.augment.mix(self.augment(images, epoch, generator), labels, self.num_classes, generator)
@@ -270,8 +285,7 @@ class CIFAR10DataModule(LightningDataModule):
             world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = self.train_sampler = EpochShuffle(len(self.train_dataset), seed, num_replicas=world, rank=rank)
         loader = self._loader(self.train_dataset, sampler, loader=ResumableLoader)
-        # Lightning's own count of this epoch's finished batches: no public hook of a data module sees it.
-        loader.trained_batches = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        loader.trainer = self.trainer
         return loader
 
     def val_dataloader(self) -> DataLoader:

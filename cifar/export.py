@@ -10,7 +10,6 @@ Formats: `onnx` (torch's dynamo-based exporter, for onnxruntime), `torch_export`
 """
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -18,51 +17,25 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from cifar.checkpoints import load_checkpoint
 from cifar.errors import UserError, first_line
-from cifar.module import LitModel
+from cifar.module import LitModel, Probabilities
+from cifar.readers import IMAGE_SIZE
 
 FORMATS = {"onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".pt"}
 BATCH = torch.export.Dim("N", min=1, max=65536)  # the free batch axis of every format
 
 
-class Probabilities(nn.Module):
-    """The model as served: uint8 images (N, 3, H, W) -> class probabilities (N, classes), with the checkpoint's
-    test-time augmentation for every image, as `predict` runs it."""
-
-    def __init__(self, model: LitModel):
-        super().__init__()
-        self.classifier = model.classifier  # the LightningModule itself cannot be traced (it has no Trainer)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classifier(images).softmax(dim=-1)
-
-
-def load_model(ckpt_path: Path) -> tuple[LitModel, list[str]]:
-    """The LitModel rebuilt from a checkpoint's hyperparameters and weights, in eval mode, and its class names."""
-    checkpoint = load_checkpoint(ckpt_path)
-    hparams = checkpoint.get("hyper_parameters", {})
-    # Plain eager network: a compiled or channels_last one exports the same function, less simply.
-    model = LitModel.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True,
-                                          compile=False, channels_last=False)  # fmt: skip
-    classes = hparams.get("classes")
-    if not classes:  # a checkpoint from before class names were saved with the model
-        classes = [str(i) for i in range(hparams.get("num_classes", 10))]
-        print(f"note: {ckpt_path} holds no class names; the export names them {classes[0]}..{classes[-1]}",
-              file=sys.stderr)  # fmt: skip
-    return model.eval(), list(classes)
-
-
 def export(
-    ckpt_path: str,
+    model: LitModel,
+    ckpt_path: Path,
     format: Literal["onnx", "torch_export", "torchscript"] = "onnx",
     output: str | None = None,
 ) -> Path:
     """Export a checkpoint's model for serving: uint8 images in, class probabilities out, class names inside.
 
     Args:
-        ckpt_path: The checkpoint: `best` or `last` (of the latest run under the `--config`'s
-            trainer.default_root_dir, else under runs/), or a .ckpt path.
+        model: The checkpoint's model, rebuilt (`cifar.cli.run_tool`).
+        ckpt_path: Its checkpoint's path.
         format: `onnx` (for onnxruntime and most servers), `torch_export` (a .pt2 for `torch.export.load`), or
             `torchscript` (deprecated by torch 2.14: use torch_export; for `torch.jit.load` while torch reads it).
         output: The file to write (default: beside the checkpoint, `.onnx`, `.pt2` or `.pt`); never overwritten.
@@ -71,15 +44,12 @@ def export(
     """
     if format not in FORMATS:
         raise UserError(f"--format {format} is not one of {', '.join(FORMATS)}")
-    ckpt_path = Path(ckpt_path)
     path = Path(output) if output else ckpt_path.with_suffix(FORMATS[format])
     if path.exists():
         raise UserError(f"{path} already exists: choose another --output or move it away")
-    model, classes = load_model(ckpt_path)
-    net_args = model.hparams.get("net", {}).get("init_args", {}) if isinstance(model.hparams.get("net"), dict) else {}
-    size = net_args.get("image_size", 32)
+    classes, size = model.classes, IMAGE_SIZE  # what predict and serve read every image as
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
-    served = Probabilities(model).eval().requires_grad_(False)  # inference only: outputs need no grad
+    served = Probabilities(model.classifier).eval().requires_grad_(False)  # inference only: outputs need no grad
     path.parent.mkdir(parents=True, exist_ok=True)
     # Renamed at the end: never a half-written model file. The suffix stays last: torch.export.save checks it.
     temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -123,7 +93,6 @@ def export_torchscript(model: nn.Module, example: Tensor, classes: list[str], pa
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         traced = torch.jit.trace(model, example)  # the forward has no data-dependent branches: tracing is exact
         torch.jit.save(traced, str(path), _extra_files={"classes.json": json.dumps(classes)})
-
 
 
 EXPORTERS = {"onnx": export_onnx, "torch_export": export_torch_export, "torchscript": export_torchscript}

@@ -1,8 +1,7 @@
-"""The model every command runs (`Classifier`) and what trains it (`LitModel`: loss, metrics, optimizer, schedule)."""
+"""The model every command runs (`Classifier`; served as `Probabilities`) and what trains it (`LitModel`: loss,
+metrics, optimizer, schedule)."""
 
-import copy
 import math
-import warnings
 from typing import Literal
 
 import torch
@@ -72,6 +71,18 @@ class Classifier(nn.Module):
         return logits
 
 
+class Probabilities(nn.Module):
+    """The model as `predict`, `export` and `serve` run it: uint8 images (N, 3, H, W) -> class probabilities
+    (N, classes), with the model's test-time augmentation for every image."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier  # not the LightningModule: it cannot be traced without a Trainer
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier(images).softmax(dim=-1)
+
+
 class LitModel(LightningModule):
     """Trains a `Classifier`: uint8 image batches (N, 3, H, W) -> logits. Training batches mixed by the data
     (mixup, cutmix) come with soft targets (N, classes): the loss takes them, and `train_acc` counts a prediction
@@ -116,22 +127,14 @@ class LitModel(LightningModule):
         freeze_after: dict[str, PositiveFloat] | None = None,
         freeze_schedule: Literal["step", "linear"] = "step",
     ):
-        super().__init__()
-        # LightningCLI saves `net`, `optimizer` and `scheduler` as class_path/init_args, so `load_from_checkpoint`
-        # can rebuild the net. Objects built in Python would be pickled, which `torch.load(weights_only=True)`
-        # refuses: those are left out (`load_from_checkpoint(path, net=...)` passes them back).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module`")
-            self.save_hyperparameters()
-        objects = [k for k in ("net", "optimizer", "scheduler") if not isinstance(self.hparams.get(k), dict | None)]
-        if objects:
-            self.save_hyperparameters(ignore=objects)  # again: also out of `hparams_initial`, which loggers get
+        super().__init__()  # no save_hyperparameters: a CLI checkpoint holds its whole config once (cifar/run.py)
         if tta_fraction == 0:
             raise UserError("tta_fraction must be in (0, 1], not 0")
         self.classifier = Classifier(net, mean, std, tta, channels_last)
         if compile:
             net.compile()  # in place: parameter names, and so checkpoints, stay those of the plain net
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.num_classes, self.classes = num_classes, classes
         self.label_smoothing, self.tta_fraction = label_smoothing, tta_fraction
         # Plain floats: they go into the optimizer's state, and checkpoints read with `weights_only=True` refuse
         # jsonargparse's checked types (subclasses of float).
@@ -145,14 +148,6 @@ class LitModel(LightningModule):
         self.losses = nn.ModuleDict({f"{s}_loss": MeanMetric(nan_strategy="disable") for s in STAGES})
         scores = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)})
         self.scores = nn.ModuleDict({f"{s}_scores": scores.clone(prefix=f"{s}_") for s in STAGES})
-
-    def __deepcopy__(self, memo: dict) -> "LitModel":
-        # EMAWeightAveraging copies the model. The optimizer and scheduler factories are jsonargparse's, which hold
-        # the whole CLI, and with it a resumed run's open lock file, which cannot be copied: the copy shares them.
-        memo.update({id(factory): factory for factory in (self.optimizer, self.scheduler)})
-        clone = memo[id(self)] = type(self).__new__(type(self))
-        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # as `copy` does, less the factories
-        return clone
 
     @property
     def net(self) -> nn.Module:
@@ -222,11 +217,7 @@ class LitModel(LightningModule):
         return self.evaluate(batch[0]).softmax(dim=-1)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Checkpoints from before `Classifier` name the network's weights `net.*`; they are now `classifier.net.*`.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("net.")]:
-            state[f"classifier.{key}"] = state.pop(key)
-        mine = self.state_dict()  # before Lightning loads it strictly, which fails in a page of traceback
+        state, mine = checkpoint["state_dict"], self.state_dict()  # before Lightning's strict load, a page of traceback
         differ = [k for k in mine if k in state and mine[k].shape != state[k].shape] or sorted(set(mine) ^ set(state))
         if differ:
             shapes = " vs ".join(str(tuple(s[differ[0]].shape)) if differ[0] in s else "none" for s in (state, mine))

@@ -31,9 +31,9 @@ try:  # optional: pip install -e ".[serve]"
 except ImportError:
     ls = Request = None
 
-from cifar.datasets import IMAGE_SIZE, decode
 from cifar.errors import UserError
-from cifar.export import Probabilities, load_model
+from cifar.module import LitModel, Probabilities
+from cifar.readers import IMAGE_SIZE, decode
 
 FIELD = "images"  # multipart: one or more files in this field; JSON: {"images": ["<base64>", ...]}
 MAX_REQUEST_BYTES = 8 * 2**20  # a larger request is answered 413 (LitServe's max_payload_size)
@@ -102,14 +102,13 @@ def one_line_error(request, error):
 
 
 class ClassifierAPI(ls.LitAPI if ls else object):
-    def __init__(self, ckpt_path: Path, top: int, max_batch_size: int, batch_timeout: float, precision="32-true"):
+    def __init__(self, model: LitModel, top: int, max_batch_size: int, batch_timeout: float, precision="32-true"):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.ckpt_path, self.top, self.precision = ckpt_path, top, precision
+        self.model = Probabilities(model.classifier).eval().requires_grad_(False)  # to each worker, read once
+        self.classes, self.top, self.precision = model.classes, top, precision
 
     def setup(self, device: str) -> None:
-        model, self.classes = load_model(self.ckpt_path)
-        self.model = Probabilities(model).eval().requires_grad_(False).to(device)
-        self.device = device
+        self.model, self.device = self.model.to(device), device
 
     def decode_request(self, request: Pixels) -> Tensor:
         return torch.from_numpy(request)
@@ -151,7 +150,8 @@ def stop_as_ctrl_c(main_pid: int):
 
 
 def serve(
-    ckpt_path: str,
+    model: LitModel,
+    ckpt_path: Path,
     host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
     port: int = 8000,
     top: int = 3,
@@ -163,8 +163,8 @@ def serve(
     """Serve a checkpoint's model over HTTP: a web page at /ui, POST /predict, /health, /info. Ctrl-C stops it.
 
     Args:
-        ckpt_path: The checkpoint: `best` or `last` (of the latest run under the `--config`'s
-            trainer.default_root_dir, else under runs/), or a .ckpt path.
+        model: The checkpoint's model, rebuilt (`cifar.cli.run_tool`).
+        ckpt_path: Its checkpoint's path.
         host: The interface to listen on: 127.0.0.1 (this machine only), or 0.0.0.0 / :: (every interface:
             anyone who can reach this machine can use the model).
         port: The TCP port.
@@ -178,12 +178,11 @@ def serve(
     if ls is None:
         raise UserError('serve needs LitServe: pip install -e ".[serve]"')
 
-    path = Path(ckpt_path)
-    model, classes = load_model(path)  # here too: a bad checkpoint is one error line, before the server starts
+    path, classes = ckpt_path, model.classes
     info = {"checkpoint": str(path), "net": type(model.net).__name__, "classes": classes, "input": "PNG or JPEG, any size, resized to 32x32",
             "tta": model.classifier.tta, "precision": precision, "top": top, "max_images": max_images,
             "max_request_bytes": MAX_REQUEST_BYTES}  # fmt: skip
-    api = ClassifierAPI(path, top, max_batch_size, batch_timeout, precision)
+    api = ClassifierAPI(model, top, max_batch_size, batch_timeout, precision)
     server = ls.LitServer(api, accelerator="auto", max_payload_size=MAX_REQUEST_BYTES, model_metadata=info)
     server.app.state.max_images = max_images  # for `pixels`
     server.app.add_exception_handler(StarletteHTTPException, one_line_error)

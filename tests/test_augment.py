@@ -5,7 +5,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from cifar.augment import BatchAugment, batch_generator, each_image, erase, mix, seeded
+from cifar.augment import BatchAugment, each_image, erase, mix, seeded
+from cifar.resume import batch_generator
 
 POLICIES = ["randaugment", "trivialaugment", "autoaugment"]
 

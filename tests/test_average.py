@@ -25,7 +25,7 @@ def test_a_resumed_fit_with_every_regularizer_and_ema_is_exact_and_test_scores_t
     checkpoint reports the loss of the averaged weights, which export (and serve, which loads the same way) hold."""
     from cifar.cli import main
     from cifar.data import CIFAR10DataModule
-    from cifar.export import load_model
+    from cifar.cli import load_model
 
     monkeypatch.chdir(tmp_path)
     common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
@@ -49,7 +49,7 @@ def test_a_resumed_fit_with_every_regularizer_and_ema_is_exact_and_test_scores_t
 
     main(["test", "--ckpt_path", str(checkpoints / "last.ckpt")])
     reported = json.loads(only(Path().glob("runs/cifar/*-test-*/test_report.json")).read_text())["metrics"]
-    model, _ = load_model(checkpoints / "last.ckpt")  # what export and serve run
+    model = load_model(checkpoints / "last.ckpt")  # what export and serve run
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, average[name], msg=name)
     data = CIFAR10DataModule(str(folder_data))

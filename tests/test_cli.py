@@ -48,7 +48,7 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     checkpoints = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2, checkpoints
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects
-    assert last["hyper_parameters"]["net"]["class_path"] == "cifar.nets.TutorialCNN"
+    assert last["run"]["config"]["model"]["net"]["class_path"] == "cifar.nets.TutorialCNN"
     assert last["state_dict"]["classifier.net.classifier.5.weight"].shape[0] == len(classes)  # linked from the data
     best = Path(last["callbacks"][only(k for k in last["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_path"])
 
@@ -153,7 +153,7 @@ def test_runs_started_together_never_collide_and_best_last_follow_the_latest_sta
 
 
 def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: Path):
-    from cifar.run import Run, latest_run
+    from cifar.run import latest_run, open
 
     runs, root = tmp_path / "runs", tmp_path / "runs" / "cifar"  # runs/ holds every config's root
 
@@ -175,9 +175,10 @@ def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: P
     (resumed / "run.json").write_text(json.dumps({"id": "bbbbbbbb", "command": "fit",
                                                   "starts": ["2026-11-22T08:00:00+00:00", "2026-11-23T00:00:00+00:00"]}))  # fmt: skip
     assert latest_run(root) == resumed == latest_run(runs)
-    a, b = Run.start("fit", root), Run.start("fit", root)  # within one second
-    assert a.id != b.id and a.dir != b.dir and a.dir.name.endswith(f"-fit-{a.id}")
-    assert Run.start("fit", root, str(first / "checkpoints" / "last.ckpt")).dir == first  # fit from a run's checkpoint resumes it
+    with open("fit", root) as a, open("fit", root) as b:  # within one second
+        assert a.id != b.id and a.dir != b.dir and a.dir.name.endswith(f"-fit-{a.id}")
+    with open("fit", root, str(first / "checkpoints" / "last.ckpt")) as resumed:  # fit from a run's checkpoint
+        assert resumed.dir == first and resumed.resumed
 
 
 def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path, monkeypatch):

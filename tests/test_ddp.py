@@ -18,7 +18,7 @@ from conftest import (CLASSES, CONFIG, FAST, FAST_CONFIG, ROOT, app_messages, cl
 
 import wandb_records
 from cifar.cli import main
-from cifar.data import EpochShuffle
+from cifar.resume import EpochShuffle
 
 
 TWO_CORES = {"OMP_NUM_THREADS": "1"}  # two ranks on two cores

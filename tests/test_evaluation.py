@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from conftest import CONFIG, FAST, OFFICIAL_CLASSES, class_images, make_folder_data, only, run_cli
+from conftest import CONFIG, FAST, OFFICIAL_CLASSES, class_images, fitted_copy, make_folder_data, only, run_cli
 from PIL import Image
 
 import wandb_records
-from cifar.cli import main
+from cifar.cli import load_model, main
 from cifar.data import CIFAR10DataModule, split_indices
-from cifar.module import LitModel
 
 
 def said(caplog) -> str:
@@ -63,7 +62,7 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     # The accuracy is that of the checkpoint on exactly those 6 images, as printed.
     dm = CIFAR10DataModule(str(data), val_size=12, test_size=6)
     dm.setup("fit")
-    model = LitModel.load_from_checkpoint(fit / "checkpoints" / Path(report["checkpoint"]).name, weights_only=True)
+    model = load_model(fit / "checkpoints" / Path(report["checkpoint"]).name)
     with torch.no_grad():
         right = (model.eval().evaluate(dm.test_dataset.images).argmax(-1) == dm.test_dataset.targets).float()
     printed = float(re.search(r"test_acc\s*│\s*([0-9.]+)", test.stdout)[1])
@@ -81,7 +80,7 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     assert main_exit_code(["test", *common, "--ckpt_path", "best", "--data.test_size", "24"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: 6 of the 24 test images were used to train checkpoint runs/cifar/" + fit.name), error
-    assert "--data.allow_overlap true" in error and "leave --data.seed, --data.val_size and --data.test_size off" in error
+    assert "--allow_overlap true" in error and "leave --data.seed, --data.val_size and --data.test_size off" in error
     # Another split seed: the validation set of validate, and of a resumed fit, are refused alike.
     assert main_exit_code(["validate", *common, "--ckpt_path", "best", "--data.seed", "1"]) == 2
     assert re.match(r"error: [1-9]\d* of the 12 validation images were used to train", capsys.readouterr().err.splitlines()[-1])
@@ -93,7 +92,7 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
 
     # The override: evaluated, and marked in the output, the report and the W&B run.
     caplog.clear()
-    main(["test", *common, "--ckpt_path", "best", "--data.test_size", "24", "--data.allow_overlap", "true"])
+    main(["test", *common, "--ckpt_path", "best", "--data.test_size", "24", "--allow_overlap", "true"])
     assert re.search(r"Evaluating 24 test images .*: overlaps training data, 6 of the 24 images trained", said(caplog))
     assert "The results above: overlaps training data, 6 of the 24" in said(caplog)  # after Lightning's table
     wandb.finish()  # as the process's exit would: the run's files complete
@@ -114,15 +113,15 @@ def test_a_checkpoint_is_tested_on_what_it_held_out_and_refused_on_what_it_train
     # A model option typed on the command line wins over the checkpoint's (which LightningCLI puts over it).
     wandb.finish()
     separate = max((tmp_path / "runs/cifar").glob("*-test-*"))
-    assert "\n  tta: 1\n" in (separate / "config.yaml").read_text() and last["hyper_parameters"]["tta"] == 0
-    assert wandb_records.config(only(separate.glob("wandb/offline-run-*/run-*.wandb")))["tta"] == 1
+    assert "\n  tta: 1\n" in (separate / "config.yaml").read_text() and last["run"]["config"]["model"]["tta"] == 0
+    assert wandb_records.config(only(separate.glob("wandb/offline-run-*/run-*.wandb")))["config"]["model"]["tta"] == 1
 
     # A checkpoint from before these records (no training record, no run): loads, said once; no split to adopt.
     old = {k: v for k, v in last.items() if k != "run"}
     torch.save(old, tmp_path / "old.ckpt")
     caplog.clear()
     main(["test", *common, "--ckpt_path", str(tmp_path / "old.ckpt"), "--data.test_size", "null"])
-    assert said(caplog).count("carries no record of its training data") == 1
+    assert said(caplog).count("kept no record of its data") == 1
     assert re.search(r"test_acc\s*│\s*[0-9.]+", capsys.readouterr().out)
 
 
@@ -153,7 +152,7 @@ def test_official_data_evaluates_a_checkpoint_with_no_record_or_trained_on_other
     main(["validate", *quiet(data_dir), "--ckpt_path", "python.ckpt", "--data.val_size", "0.2"])
     validated = json.loads(only(Path("runs/cifar").glob("*-validate-*/run.json")).read_text())["evaluated"]
     assert validated["images"] == 12 and validated["overlap"] is None  # 0.2 of 60
-    assert "official CIFAR-10 train batches" in validated["data"] and "carries no record" in said(caplog)
+    assert "official CIFAR-10 train batches" in validated["data"] and "kept no record" in said(caplog)
 
     main(["test", *quiet(data_dir), "--ckpt_path", str(trained), "--data.test_size", "10"])
     tested = json.loads(only(Path("runs/cifar").glob("*-test-*/run.json")).read_text())["evaluated"]
@@ -185,3 +184,27 @@ def test_with_unreadable_images_skipped_the_images_checked_are_the_images_evalua
     expected = int(trained[split_indices(47, 1, 12, 6)[2]].sum())
     assert main_exit_code(["test", *common[:-6], "--ckpt_path", "last", "--data.seed", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {expected} of the 6 test images")
+
+
+def test_a_lineage_with_an_unrecorded_ancestor_is_never_said_to_have_trained_on_none(fitted, tmp_path, monkeypatch,
+                                                                                      caplog):  # fmt: skip
+    """A checkpoint with no training record (saved from Python, or by an older version), fine-tuned on another
+    split: the child's record says "unknown, plus this split", and its test says the overlap is unknown, never
+    "none of them" (the ancestor trained on most of the images)."""
+    copy = fitted_copy(fitted, tmp_path)
+    ancestor = torch.load(copy.run / "checkpoints" / "last.ckpt", weights_only=True)
+    del ancestor["run"]
+    torch.save(ancestor, tmp_path / "ancestor.ckpt")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO")
+    common = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    main(["fit", "--config", CONFIG, "--ckpt_path", "ancestor.ckpt", "--data.seed", "1", "--data.test_size", "12",
+          "--data.val_size", "6", "--trainer.max_epochs", "3", *common])  # fmt: skip
+    child = only(set((tmp_path / "runs/cifar").glob("*-fit-*")) - {copy.run}) / "checkpoints" / "last.ckpt"
+    unknown, entry = torch.load(child, weights_only=True)["run"]["trained_on"]
+    assert "ancestor.ckpt" in unknown["unknown"] and entry["split"]["seed"] == 1
+
+    main(["test", "--ckpt_path", str(child), *common])
+    report = json.loads(only((tmp_path / "runs/cifar").glob("*-test-*/test_report.json")).read_text())
+    assert report["overlap"] is None and "is unknown" in report["note"]
+    assert "none of them" not in said(caplog)

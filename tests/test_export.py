@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import CLASSES, CONFIG, fitted_copy
 
-from cifar.cli import main
-from cifar.export import EXPORTERS, Probabilities
-from cifar.module import LitModel
-from cifar.nets import AirbenchNet
+from cifar.cli import load_model, main
+from cifar.export import EXPORTERS
+from cifar.module import LitModel, Probabilities
+from cifar.nets import AirbenchNet, TutorialCNN
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> tuple[torch.Tens
 
 
 def test_every_format_gives_the_checkpoints_probabilities_and_class_names(best: Path, tmp_path: Path):
-    model = LitModel.load_from_checkpoint(best, map_location="cpu", weights_only=True).eval()
+    model = load_model(best)
     for fmt in ("onnx", "torch_export", "torchscript"):
         export("--ckpt_path", "best", "--format", fmt, "--output", f"out/model.{fmt}")
         for n in (5, 1):  # not the batch size exported with: the batch axis is free
@@ -71,7 +71,7 @@ def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsy
     assert (tmp_path / "taken.onnx").read_text() == "keep me"
     assert "format" in error("--ckpt_path", "best", "--format", "tflite")
     assert "does not exist" in error("--ckpt_path", "nowhere.ckpt")
-    assert "the following arguments are required: ckpt_path" in error()
+    assert "--ckpt_path is required" in error()
     # An onnx that is installed but does not load: here, as with protobuf's VersionError for an onnx built against
     # another protobuf major version (a GPU machine's image with newer wheels beside it, issue 28).
     (tmp_path / "broken" / "onnx").mkdir(parents=True)
@@ -82,17 +82,34 @@ def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsy
     assert "needs the onnx and onnxscript packages, importable (RuntimeError: mismatched Protobuf versions)" in line
 
 
-def test_export_is_a_plain_tool_with_its_own_help(capsys):
+def test_export_is_a_tool_with_its_own_help_and_the_model_options(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["export", "--help"])
     assert stop.value.code == 0
     usage = capsys.readouterr().out
-    assert all(f"--{option}" in usage for option in ("config", "ckpt_path", "format", "output"))
-    assert "--root" not in usage
-    assert not any(group in usage for group in ("--trainer", "--model", "--data", "--seed_everything"))
+    assert all(f"--{option}" in usage for option in ("config", "ckpt_path", "format", "output", "model.tta"))
+    assert not any(group in usage for group in ("--trainer", "--data", "--seed_everything", "--root"))
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "tools: export, serve (main.py export --help, main.py serve --help)" in capsys.readouterr().out
+
+
+def test_export_reads_its_checkpoint_once_and_takes_model_options_over_its_config(best: Path, tmp_path: Path,
+                                                                                  monkeypatch):  # fmt: skip
+    """The checkpoint's config, then the command line: `--model.tta 1` exports the mirrored average, from one
+    read of the checkpoint."""
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or load(path, *args, **kwargs))
+    path = tmp_path / "model.pt2"
+    main(["export", "--ckpt_path", str(best), "--format", "torch_export", "--output", str(path), "--model.tta", "1"])
+    assert reads == [best]
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    model = LitModel(net=TutorialCNN(num_classes=len(CLASSES)), num_classes=len(CLASSES), tta=1).eval()
+    model.load_state_dict(load(best, weights_only=True)["state_dict"])
+    with torch.no_grad():
+        expected = model.evaluate(images).softmax(dim=-1)
+    probs, _ = run_exported("torch_export", path, images)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch_export", "torchscript"])
@@ -104,7 +121,7 @@ def test_export_bakes_in_the_models_test_time_augmentation(fmt: str, tmp_path: P
     with torch.no_grad():
         expected = model.evaluate(images).softmax(dim=-1).numpy()
         assert not expected == pytest.approx(model(images).softmax(dim=-1).numpy(), abs=1e-5)  # TTA changes them
-        served = Probabilities(model).eval().requires_grad_(False)
+        served = Probabilities(model.classifier).eval().requires_grad_(False)
         path = tmp_path / f"model.{fmt}"
         EXPORTERS[fmt](served, images[:2], CLASSES, path)
         probs, _ = run_exported(fmt, path, images)

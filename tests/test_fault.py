@@ -70,7 +70,7 @@ def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, recipe, tmp_pat
 
 def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path, monkeypatch):
     from cifar.cli import main
-    from cifar.stopping import RandomState
+    from cifar.resume import RandomState
 
     restores = []  # the commands that hand RandomState a checkpoint (Lightning: every one that restores)
     restore = RandomState.on_load_checkpoint
@@ -103,7 +103,7 @@ def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path
 
 def test_random_state_is_restored_on_the_cuda_devices_there_are(monkeypatch):
     """A checkpoint saved on 8 GPUs resumed where 2 are visible: their generators, not an IndexError."""
-    from cifar.stopping import RandomState
+    from cifar.resume import RandomState
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -117,7 +117,7 @@ def test_random_state_is_restored_on_the_cuda_devices_there_are(monkeypatch):
 
 
 def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    from cifar.checkpoints import AtomicCheckpointIO
+    from cifar.resume import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "checkpoints" / "last.ckpt"

@@ -115,7 +115,8 @@ def test_a_training_step_uses_no_op_without_a_deterministic_cuda_kernel(net):
 def test_each_batch_draws_its_augmentation_from_its_own_generator():
     """(seed, rank, epoch, batch) alone fix a batch's flips, shifts and jitter: the same in a resumed run whatever
     the global random state, different on each DDP rank and at each batch."""
-    from cifar.augment import BatchAugment, batch_generator
+    from cifar.augment import BatchAugment
+    from cifar.resume import batch_generator
 
     augment = BatchAugment(flip="random", translate=2, brightness=0.2, contrast=0.2)
     augment.prepare(torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(0))

@@ -24,8 +24,7 @@ def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data
     path = checkpoint.best_model_path
 
     saved = torch.load(path, weights_only=True)  # what the app loads with: no code can run
-    hparams = saved["hyper_parameters"]
-    assert not {"net", "optimizer"} & set(hparams) and hparams["scheduler"] is None and hparams["num_classes"] == 3
+    assert not saved.get("hyper_parameters")  # the CLI's checkpoints hold their config in their run record
 
     loaded = LitModel.load_from_checkpoint(path, net=TutorialCNN(num_classes=3), weights_only=True)
     images = data.val_dataset.images[:8]
@@ -42,4 +41,4 @@ def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data
         right = model(data.test_dataset.images).argmax(-1) == data.test_dataset.targets
     printed = float(re.search(r"test_acc\s*│\s*([0-9.]+)", capsys.readouterr().out)[1])
     assert printed == pytest.approx(right.float().mean().item(), abs=1e-6)
-    assert "carries no record of its training data" in "\n".join(said)  # written outside the CLI: said, not refused
+    assert "kept no record of its data" in "\n".join(said)  # written outside the CLI: said, not refused

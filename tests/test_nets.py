@@ -9,7 +9,7 @@ from conftest import CLASSES, CONFIG
 from test_export import run_exported
 from torch import nn
 
-from cifar.cli import main
+from cifar.cli import load_model, main
 from cifar.errors import UserError
 from cifar.module import LitModel
 from cifar.nets import TimmNet, WideResNet
@@ -83,7 +83,7 @@ def test_the_classic_configs_full_size_nets_export_and_serve_their_probabilities
     """configs/resnet18.yaml and configs/wrn28_10.yaml as they are (ResNet-18, WRN-28-10), fitted for one step on
     tiny data and tested by the config loop (tests/test_config.py), then exported in both formats and served."""
     ckpt = one_step_fits[config].checkpoint
-    model = LitModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()  # strict: every weight
+    model = load_model(ckpt)  # strict: every weight
     assert type(model.net).__name__ == name
     if name == "TimmNet":
         assert model.net.model.conv1.stride == (1, 1)  # rebuilt with its CIFAR stem
@@ -97,7 +97,7 @@ def test_the_classic_configs_full_size_nets_export_and_serve_their_probabilities
         assert probs.numpy() == pytest.approx(expected.numpy(), abs=1e-5), fmt
         assert classes == CLASSES
 
-    api = ClassifierAPI(ckpt, top=1, max_batch_size=4, batch_timeout=0.0)  # what `serve` runs on each batch
+    api = ClassifierAPI(load_model(ckpt), top=1, max_batch_size=4, batch_timeout=0.0)  # what `serve` runs on each batch
     api.setup("cpu")
     requests = [api.decode_request(images[:2].numpy()), api.decode_request(images[2:].numpy())]  # one batch of two
     answers = [api.encode_response(output) for output in api.unbatch(api.predict(api.batch(requests)))]

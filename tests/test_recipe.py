@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import CLASSES, FAST_CONFIG, ROOT, only
 from lightning.pytorch import Callback, Trainer
 
-from cifar.cli import main
+from cifar.cli import load_model, main
 from cifar.augment import translate
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError
@@ -373,7 +373,7 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     assert [(g["kind"], g["initial_lr"], g.get("freeze_after")) for g in groups] == [
         ("muon", 0.205, None), ("bias", 88.0, None), ("head", 831.7, None), ("bias", 88.0, 3)]  # fmt: skip
     assert groups[1]["weight_decay"] * 88.0 == pytest.approx(0.0016)
-    assert ckpt["last.ckpt"]["hyper_parameters"]["freeze_after"] == {"net.whiten.bias": 3}
+    assert ckpt["last.ckpt"]["run"]["config"]["model"]["freeze_after"] == {"net.whiten.bias": 3}
     schedule = ckpt["last.ckpt"]["lr_schedulers"][0]
     assert schedule["total_steps"] == ckpt["last.ckpt"]["global_step"] == 4 * 5  # 66 train images / 16 per batch
     assert schedule["_last_lr"][0] == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the last step
@@ -382,7 +382,7 @@ def test_fast_config_fits_and_tests_without_validation(tmp_path, monkeypatch):
     report = json.loads(only(Path("runs/fast").glob("*-test-*/test_report.json")).read_text())
     dm = CIFAR10DataModule(str(data), val_size=12, test_size=6)  # the split typed in `common`: 6 test images
     dm.setup("test")
-    model = LitModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    model = load_model(run / "checkpoints" / "last.ckpt")  # the model the test scored
     with torch.no_grad():  # one batch of 6: the least confident quarter of the batch, as the test step has it
         right = model.evaluate(dm.test_dataset.images, 0.25).argmax(-1) == dm.test_dataset.targets
     assert report["metrics"]["test_acc"] == pytest.approx(right.float().mean().item())
@@ -436,7 +436,7 @@ def test_any_torchvision_model_plugs_in_from_the_command_line(folder_data, tmp_p
     main(["fit", *common, "--model.net.init_args.name", "resnet18"])
     (run,) = Path("runs/cifar").glob("*-fit*")
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["hyper_parameters"]["net"]["init_args"]["name"] == "resnet18"
+    assert last["run"]["config"]["model"]["net"]["init_args"]["name"] == "resnet18"
     assert last["state_dict"]["classifier.net.model.fc.weight"].shape == (len(CLASSES), 512)  # num_classes linked
 
     with pytest.raises(SystemExit) as stop:

@@ -16,7 +16,7 @@ from test_errors import cli_error
 
 import wandb_records
 from cifar.cli import main
-from cifar.stopping import Stopped, StopOnSignal
+from cifar.resume import Stopped, StopOnSignal
 
 CALLBACKS_MISSING = "callbacks used to create the checkpoint need to be provided"  # Lightning's warning
 
@@ -160,3 +160,20 @@ def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(folder_data: P
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8, output
     finally:
         first.kill()
+
+
+def test_a_moved_run_resumes_in_place(fitted, tmp_path: Path, monkeypatch):
+    """A run folder copied elsewhere (its checkpoints name the old folder) resumes where it now is: `last.ckpt` is
+    the resumed one, with no `last-v1.ckpt`, and ModelCheckpoint keeps its best score and files."""
+    moved = fitted_copy(fitted, tmp_path)
+    last = moved.run / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--ckpt_path", str(last), "--trainer.max_epochs", "3", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    after = torch.load(last, weights_only=True)
+    assert after["epoch"] == before["epoch"] + 1
+    assert not list(last.parent.glob("last-v*.ckpt"))
+    (key,) = [k for k in after["callbacks"] if k.startswith("ModelCheckpoint")]
+    state, old = after["callbacks"][key], before["callbacks"][key]
+    assert state["dirpath"] == str(last.parent.resolve()) and state["best_model_score"] <= old["best_model_score"]

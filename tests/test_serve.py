@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -25,7 +26,7 @@ import torch
 from conftest import CLASSES, CONFIG, app_messages, cli_command, cli_env, fitted_copy, only
 from PIL import Image
 
-from cifar.cli import main
+from cifar.cli import load_model, main
 
 BOUNDARY = "cifar-test-boundary"
 
@@ -254,7 +255,7 @@ def test_bf16_serving_runs_the_network_under_autocast_as_predict_does_with_bf16_
     other = {"images": [base64.b64encode(blobs[2]).decode()]}
     probs = {}
     for precision in ("32-true", "bf16-mixed"):
-        api = ClassifierAPI(ckpt, top=3, max_batch_size=64, batch_timeout=0.0, precision=precision)
+        api = ClassifierAPI(load_model(ckpt), top=3, max_batch_size=64, batch_timeout=0.0, precision=precision)
         api.setup("cpu")
         x, y = (api.decode_request(images_of(r, max_images=16).numpy()) for r in (request, other))
         batched, other_probs = api.unbatch(api.predict(api.batch([x, y])))
@@ -294,3 +295,24 @@ def test_uploads_stay_in_memory(server):
     after = written(server.pid)
     assert status == 200 and len(answer["predictions"]) == 1, answer
     assert after - before < 2**20, f"the server wrote {after - before} bytes while it read a {len(big)}-byte upload"
+
+
+def test_serve_reads_its_checkpoint_once_and_ships_the_model_to_its_worker(fitted, monkeypatch):
+    """`serve` rebuilds the model in the main process from one read of the checkpoint; LitServe's worker (a spawned
+    process: the API goes to it pickled) gets the model, not a path to read again."""
+    import litserve
+
+    from cifar.serve import ClassifierAPI
+
+    checkpoint = fitted.run / "checkpoints" / "last.ckpt"
+    reads, load, started = [], torch.load, []
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or load(path, *args, **kwargs))
+    monkeypatch.setattr(litserve.LitServer, "run", lambda server, **options: started.append(server.lit_api))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # serve's SIGTERM handler: not for this process
+    main(["serve", "--ckpt_path", str(checkpoint)])
+    assert reads == [checkpoint]  # the checkpoint itself: not the tensors the pickle below reads back
+    api = pickle.loads(pickle.dumps(started[0]))  # as the spawned worker gets it
+    assert isinstance(api, ClassifierAPI)
+    api.setup("cpu")
+    answer = api.encode_response(api.predict(api.decode_request(np.zeros((1, 3, 32, 32), dtype=np.uint8))))
+    assert [path for path in reads if isinstance(path, Path)] == [checkpoint] and {p["class"] for p in answer["predictions"][0]} == set(CLASSES)
