@@ -26,7 +26,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cifar.export import Probabilities, load_model  # noqa: E402
+from cifar.cli import load_model  # noqa: E402
+from cifar.module import Probabilities  # noqa: E402
 
 BOUNDARY = "bench"
 
@@ -95,8 +96,7 @@ def load(url: str, clients: int, requests: int, seconds: float, body: bytes) -> 
 
 def in_process_images_per_s(ckpt_path: str, batch: int, precision: str, seconds: float = 5.0) -> float:
     """The bare model (as served: normalization, TTA, softmax, precision) on uint8 batches of `batch`, no HTTP."""
-    model, _ = load_model(Path(ckpt_path))
-    served = Probabilities(model).eval()
+    served = Probabilities(load_model(ckpt_path).classifier).eval()
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         served(images)  # warm-up

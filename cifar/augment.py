@@ -28,7 +28,7 @@ def seeded(key: int, device: torch.device):
     """The one place that lends the global random state to library ops that only draw from it: inside, it is seeded
     with `key` (the CPU's, and `device`'s when a GPU); after, it is as it was. One intra-op thread meanwhile on the
     CPU: ops on single images are too small to share out, and the pool's handoffs cost up to 100x the op on a busy
-    machine (a 32x32 rotate: 90 us alone, 2-20 ms with 2 threads while another process ran)."""
+    machine (bench/RESULTS.md)."""
     cuda = [device] if device.type == "cuda" else []
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):

@@ -71,7 +71,7 @@ def export_onnx(model: nn.Module, example: Tensor, classes: list[str], path: Pat
         import onnx  # optional: only ONNX export needs them
         import onnxscript  # noqa: F401  (the dynamo-based exporter writes the graph with it)
     except Exception as error:  # missing, or there but not loading: e.g. protobuf's VersionError, for an onnx
-        # built against another protobuf major version than the one Python finds first (issue 28)
+        # built against another protobuf major version than the one Python finds first
         raise UserError(f"ONNX export needs the onnx and onnxscript packages, importable ({type(error).__name__}: "
                         f'{first_line(error)}): pip install -e ".[export]"') from error  # fmt: skip
 

@@ -48,7 +48,7 @@ def log_run(trainer: Trainer, config: dict, evaluated: dict | None) -> None:
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": config, **({"evaluated": evaluated} if evaluated else {})})
         if isinstance(logger, WandbLogger) and evaluated:
-            logger.experiment.summary.update({"evaluated_data": evaluated["data"], "checkpoint": evaluated["checkpoint"],
-                                              "fit_run": evaluated["fit_run"],
-                                              "overlaps_training_data": evaluated["overlap"]})  # fmt: skip
+            summary = {"evaluated_data": "data", "checkpoint": "checkpoint", "fit_run": "fit_run",
+                       "overlaps_training_data": "overlap"}  # W&B's key: the evaluation's  # fmt: skip
+            logger.experiment.summary.update({key: evaluated[name] for key, name in summary.items()})
             logger.experiment.tags += ("overlaps-training-data",) if evaluated["overlap"] else ()

@@ -9,9 +9,9 @@ def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed memory for reuse; returns whether it did (not on other C libraries, nor over
     the user's own GLIBC_TUNABLES / MALLOC_* settings).
 
-    By default it maps every block over 32 MB fresh and unmaps it on free; at batch 2000 an activation is ~260 MB,
-    so each CPU training step faulted in and zeroed gigabytes of new pages (`configs/fast.yaml`: 18% of its CPU time
-    in the kernel). Kept: steps 3.8 s instead of 4.9-5.7 s on 2 cores (bench/RESULTS.md), peak RSS 10-20% higher.
+    By default it maps every block over 32 MB fresh and unmaps it on free, so at large batches each CPU training
+    step faults in and zeroes gigabytes of new pages: faster steps for a higher peak RSS (bench/RESULTS.md). Called
+    once the data is read: its tensors keep their own pages, and the heap does not grow around them.
     """
     if sys.platform != "linux" or any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ):
         return False

@@ -233,10 +233,11 @@ class RunRecord(Callback):
             old, new = state.get("dirpath"), callback.dirpath
             if not old or old == new:
                 continue
-            moved = lambda path: new + path[len(old) :] if isinstance(path, str) and path.startswith(old) else path  # noqa: E731
             for key in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
-                state[key] = moved(state.get(key))
-            state["best_k_models"] = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
+                if isinstance(state.get(key), str) and state[key].startswith(old):
+                    state[key] = new + state[key][len(old) :]
+            best_k = state.get("best_k_models", {})
+            state["best_k_models"] = {new + p[len(old) :] if p.startswith(old) else p: s for p, s in best_k.items()}
 
 
 def evaluation_of(trainer: Trainer) -> dict | None:

@@ -3,6 +3,7 @@ cutmix, random erasing; each drawn from the batch's own key, so resume is exact 
 
 import pytest
 import torch
+from conftest import ScalarReads, exit_code
 from torchvision.transforms import v2
 
 from cifar.augment import BatchAugment, each_image, erase, mix, seeded
@@ -178,24 +179,17 @@ def test_the_options_are_in_print_config_and_documented_in_help(capsys):
     its doc; a magnitude past torchvision's 31 bins is the user's error, said in one line."""
     import yaml
 
-    from cifar.cli import main
     from cifar.data import CIFAR10DataModule
     from cifar.errors import UserError
 
     options = {"policy": "none", "randaugment_ops": 2, "randaugment_magnitude": 9, "erasing": 0.0,
                "erasing_fill": "random", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0}  # fmt: skip
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--print_config"])
-    assert stop.value.code == 0
+    assert exit_code(["fit", "--print_config"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)["data"]
     assert {name: data[name] for name in options} == options
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--print_config=comments"])
-    assert stop.value.code == 0
+    assert exit_code(["fit", "--print_config=comments"]) == 0
     commented = " ".join(line.strip("# ") for line in capsys.readouterr().out.splitlines())  # YAML comments, wrapped
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--help"])
-    assert stop.value.code == 0
+    assert exit_code(["fit", "--help"]) == 0
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps the docs
     docs = ["each training image drawing its own ops", "Ops applied in turn to each image by `randaugment`",
             "Random erasing (Zhong et al. 2020)", "What erased pixels become", "Mixup (Zhang et al. 2018)",
@@ -229,7 +223,6 @@ def test_the_model_trains_on_soft_targets_and_scores_their_dominant_label():
 def test_erasing_and_mixing_read_nothing_back_to_the_host():
     """No `.item()` and the like in erasing and mixing (on a GPU, each would be a host sync every step): the mix's
     draws are host numbers from the batch's key; F.one_hot, which reads the labels' range, is not used."""
-    from test_hotpath import ScalarReads
 
     augment = BatchAugment(erasing=0.5, mixup_alpha=0.2, cutmix_alpha=1.0)
     augment.prepare(torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIG, only
+from conftest import only, options
 
 REGULARIZERS = ["--data.flip", "random", "--data.translate", "2", "--data.policy", "trivialaugment", "--data.erasing",
                 "0.5", "--data.mixup_alpha", "0.2", "--data.cutmix_alpha", "1.0", "--data.mix_prob", "0.8",
@@ -28,11 +28,10 @@ def test_a_resumed_fit_with_every_regularizer_and_ema_is_exact_and_test_scores_t
     from cifar.cli import load_model
 
     monkeypatch.chdir(tmp_path)
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
-              "12", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "3",
-              "--trainer.deterministic", "true", "--trainer.max_epochs", "2", *REGULARIZERS, *EMA,
-              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_top_k",
-              "-1", "--trainer.callbacks.filename", "every-{epoch}"]  # fmt: skip
+    common = options(folder_data, "--seed_everything", "3", "--trainer.deterministic", "true", "--trainer.max_epochs", "2",
+                     *REGULARIZERS, *EMA, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                     "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.filename", "every-{epoch}",
+                     val_size=12, batch_size=12, progress_bar=False, logger=False)  # fmt: skip
     main(["fit", *common])
     checkpoints = only(Path().glob("runs/cifar/*-fit-*/checkpoints"))
     a = torch.load(checkpoints / "last.ckpt", weights_only=True)

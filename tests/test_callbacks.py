@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, FAST, only
+from conftest import CLASSES, FAST, only, options
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
@@ -101,9 +101,8 @@ SAVE_DIR = ["--trainer.logger.save_dir", "."]  # required to parse; the CLI puts
                          ids=lambda args: args[0])  # fmt: skip
 def test_without_wandb_the_app_trains_and_writes_its_pictures(logger, folder_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
-              "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "false",
-              "--trainer.logger", *logger]  # fmt: skip
+    common = options(folder_data, *FAST, "--trainer.max_epochs", "1", "--trainer.enable_model_summary", "false",
+                     "--trainer.logger", *logger, val_size=12)  # fmt: skip
     main(["fit", *common])
     main(["test", *common, "--ckpt_path", "last"])
     fit, test = (only(Path("runs/cifar").glob(f"*-{stage}-*")) for stage in ("fit", "test"))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from conftest import (CLASSES, CONFIG, FAST, OFFICIAL_CLASSES, SECRET, app_messages, cli_command, cli_env, fitted_copy,
-                      make_official_data, only, run_cli)
+from conftest import (CLASSES, FAST, OFFICIAL_CLASSES, SECRET, app_messages, cli_command, cli_env, cli_error,
+                      fitted_copy, make_official_data, only, options, run_cli)
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
@@ -37,7 +37,7 @@ def test_fit_then_test_best_then_predict(dataset, tmp_path: Path):
     if shared:  # configs/cifar.yaml's default data_dir, data/, as the shared fit used it
         common = ["--config", "configs/cifar.yaml", "--data.val_size", "12", *FAST]
     else:
-        common = ["--config", CONFIG, "--data.data_dir", str(data_dir), "--data.val_size", "12", *FAST]
+        common = options(data_dir, *FAST, val_size=12)
         run_cli(["fit", *common], tmp_path, checksums, env=key)
 
     # One run directory with the resolved config, both checkpoints, and the offline W&B run.
@@ -129,8 +129,7 @@ def test_wandb_offline_run_holds_captioned_images_metrics_and_config(fitted):
 
 
 def test_runs_started_together_never_collide_and_best_last_follow_the_latest_start(folder_data: Path, tmp_path: Path):
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
-              "--trainer.max_epochs", "1"]  # fmt: skip
+    common = options(folder_data, *FAST, "--trainer.max_epochs", "1", val_size=12)
     # Two fits started in the same second: two directories, two W&B runs with random ids.
     started = [subprocess.Popen(cli_command(["fit", *common]), cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
@@ -152,40 +151,11 @@ def test_runs_started_together_never_collide_and_best_last_follow_the_latest_sta
     assert only((tmp_path / "runs" / "cifar").glob("*-test-*")).joinpath("config.yaml").exists()
 
 
-def test_latest_run_is_the_latest_recorded_start_not_the_newest_file(tmp_path: Path):
-    from cifar.run import latest_run, open
-
-    runs, root = tmp_path / "runs", tmp_path / "runs" / "cifar"  # runs/ holds every config's root
-
-    def run(name: str, starts: list[str] | None) -> Path:
-        (root / name / "checkpoints").mkdir(parents=True)
-        (root / name / "checkpoints" / "last.ckpt").write_bytes(b"")
-        if starts:
-            (root / name / "run.json").write_text(json.dumps({"id": name[-8:], "command": "fit", "starts": starts}))
-        return root / name
-
-    old = run("20261201-120000-fit", None)  # no run.json: not a run of this app, whatever its name says
-    first = run("20261122-090000-fit-aaaaaaaa", ["2026-11-22T09:00:00.000001+00:00"])
-    resumed = run("20261122-080000-fit-bbbbbbbb", ["2026-11-22T08:00:00+00:00", "2026-11-22T10:00:00+02:00"])
-    assert latest_run(root) == first  # resumed's last start, 10:00 at UTC+2, is 08:00 UTC
-    assert latest_run(runs) == first  # one level up: the same, among every config's runs
-    (root / "20261122-110000-test-cccccccc").mkdir()  # no checkpoints: not a candidate
-    os.utime(old / "checkpoints" / "last.ckpt", (4e9, 4e9))
-    assert latest_run(root) == first
-    (resumed / "run.json").write_text(json.dumps({"id": "bbbbbbbb", "command": "fit",
-                                                  "starts": ["2026-11-22T08:00:00+00:00", "2026-11-23T00:00:00+00:00"]}))  # fmt: skip
-    assert latest_run(root) == resumed == latest_run(runs)
-    with open("fit", root) as a, open("fit", root) as b:  # within one second
-        assert a.id != b.id and a.dir != b.dir and a.dir.name.endswith(f"-fit-{a.id}")
-    with open("fit", root, str(first / "checkpoints" / "last.ckpt")) as resumed:  # fit from a run's checkpoint
-        assert resumed.dir == first and resumed.resumed
-
-
 def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path, monkeypatch):
     """`test` logs per-class accuracy, a confusion matrix and the most confident mistakes, and writes two PNGs."""
     monkeypatch.chdir(tmp_path)
     with app_messages() as said:
-        main(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST])  # untrained
+        main(["test", *options(folder_data, *FAST)])  # untrained
         wandb.finish()  # as the process's exit would: the run's files complete
     run = only((tmp_path / "runs" / "cifar").glob("*-test-*"))
     assert f"Test report written to runs/cifar/{run.name}/test_report.json, runs/cifar/{run.name}/confusion_matrix.png" in "\n".join(said)
@@ -213,8 +183,8 @@ def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path, mon
 
 def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path,
                                                                                    capsys, monkeypatch):  # fmt: skip
-    fit = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
-                   "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model", "true"], tmp_path)  # fmt: skip
+    fit = run_cli(["fit", *options(folder_data, *FAST, "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model",
+                                   "true", val_size=12)], tmp_path)  # fmt: skip
     assert "W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline" in fit.stderr
     run = only((tmp_path / "runs" / "cifar").glob("*-fit-*"))
     run_file = only(run.glob("wandb/offline-run-*/run-*.wandb"))
@@ -223,40 +193,7 @@ def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifac
     assert "log_model: true" in (run / "config.yaml").read_text()  # the user's config, as given
 
     # offline: true in the config wins, and Lightning's WandbLogger refuses log_model with it: one line.
-    from test_errors import cli_error
-
     monkeypatch.chdir(tmp_path)
-    refused = cli_error(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), *FAST, "--trainer.logger.init_args.offline",
-                         "true", "--trainer.logger.init_args.log_model", "true"], capsys)  # fmt: skip
-    assert refused.startswith("error: log_model with offline: true")
-
-
-FREED_MEMORY_PROBE = """
-import sys, torch
-from cifar.malloc import keep_freed_memory
-applied = keep_freed_memory()
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20  # MB
-for _ in range(3):
-    block = torch.ones(2**26)  # 256 MB, past glibc's largest mmap threshold (32 MB)
-    held = rss()
-    del block
-print(applied, held - rss())
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc (Linux)")
-@pytest.mark.parametrize("environ", [{}, {"MALLOC_ARENA_MAX": "2"}], ids=["default", "user_malloc_settings"])
-def test_freed_memory_is_kept_for_the_next_step_unless_the_user_tuned_malloc(environ, monkeypatch):
-    """Under glibc, a freed 256 MB block stays in the process (the next step reuses it) rather than being
-    unmapped and faulted in again; the user's own MALLOC_* settings are left alone."""
-    import subprocess
-    import sys
-
-    for key, value in environ.items():
-        monkeypatch.setenv(key, value)
-    done = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], capture_output=True, text=True, check=True)
-    applied, released = done.stdout.split()
-    if environ:
-        assert (applied, int(released) > 200) == ("False", True)  # glibc's default: unmapped on free
-    else:
-        assert (applied, int(released) < 50) == ("True", True)
+    refused = cli_error(["fit", *options(folder_data, *FAST, "--trainer.logger.init_args.offline", "true",
+                                         "--trainer.logger.init_args.log_model", "true")], capsys)  # fmt: skip
+    assert "log_model" in refused and "offline: true" in refused

@@ -4,18 +4,13 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import yaml
-from conftest import CONFIG, CONFIGS, ROOT
+from conftest import CONFIG, CONFIGS, ROOT, exit_code
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
-
-from cifar.cli import main
 
 
 def print_config(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 0
+    assert exit_code(args) == 0
     return capsys.readouterr().out
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, ROOT, make_folder_data, only, run_cli
+from conftest import (CLASSES, FAST_RECIPE, ROOT, ScalarReads, make_folder_data, only, run_cli,
+                      stopped_run_resumes_exactly)
 from lightning.pytorch import Callback
-import test_fault
-from test_hotpath import ScalarReads
 
 ON = os.environ.get("CIFAR_CUDA_TESTS_ON", "gpu")  # Lightning's accelerator name: gpu, or cpu for the dry run
 pytestmark = [
@@ -83,9 +82,9 @@ def test_data_on_the_device_or_not_trains_the_same_weights(data, tmp_path):
 
 
 def test_a_sigterm_mid_epoch_on_the_device_resumes_exactly(tmp_path):
-    """tests/test_fault.py's check, fast recipe (augmentation drawn on the device), on the device."""
-    test_fault.test_stopped_run_resumes_exactly_where_it_stopped(signal.SIGTERM, 143, [*test_fault.FAST_RECIPE, *DEVICE],
-                                                                 tmp_path)  # fmt: skip
+    """tests/test_fault.py's check (conftest's `stopped_run_resumes_exactly`), fast recipe (augmentation drawn on
+    the device), on the device."""
+    stopped_run_resumes_exactly(signal.SIGTERM, 143, [*FAST_RECIPE, *DEVICE], tmp_path)
 
 
 @pytest.mark.parametrize(("trained", "tested"), [("cpu", ON), (ON, "cpu")])

@@ -10,62 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import (CONFIG, FAST_CONFIG, app_messages, cli_command, cli_env, fitted_copy, make_folder_data, only,
-                      run_cli)
-
-STEPS_PER_EPOCH = (3 * 20 - 12) // 4  # 60 images, 12 for validation, batch 4
-STOP_AT = STEPS_PER_EPOCH + 5  # mid-way through the second epoch, after the first epoch's checkpoint
-# The fast recipe's augmentation draws random numbers for each batch before Lightning's stop check: its
-# variant proves that a stop between the draw and the step does not shift the resumed run's draws.
-FAST_RECIPE = ["--config", FAST_CONFIG, "--trainer.precision", "32",  # 1000 epochs: the same schedule in every run
-               "--model.scheduler.init_args.total_steps", str(1000 * STEPS_PER_EPOCH)]  # fmt: skip
-
+from conftest import (FAST_CONFIG, FAST_RECIPE, cli_env, cli_error, fitted_copy, options, only, run_cli,
+                      stopped_run_resumes_exactly)
 
 @pytest.mark.parametrize(("sig", "code", "recipe"), [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, []),
                                                      (signal.SIGKILL, -9, []), (signal.SIGTERM, 143, FAST_RECIPE)],
                          ids=["SIGTERM", "SIGINT", "SIGKILL", "SIGTERM-fast-recipe"])  # fmt: skip
 def test_stopped_run_resumes_exactly_where_it_stopped(sig, code, recipe, tmp_path):
-    """Stop a real fit mid-training (the process gets the signal at a fixed step, mid-epoch, from
-    signals.SignalAt); `--ckpt_path last` continues it in the same run, with no batch lost or repeated: the final
-    weights equal those of a run that was never stopped (same seed)."""
-    data = make_folder_data(tmp_path / "data", per_class=20, test_per_class=1)
-    common = ["--config", CONFIG, *recipe, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size",
-              "4", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
-              "--trainer.deterministic", "true"]  # fmt: skip
-    root = "runs/fast" if recipe else "runs/cifar"
-    signal_at = ["--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", str(STOP_AT),
-                 "--trainer.callbacks.signal", sig.name]  # fmt: skip
-    process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000", *signal_at]),
-                               cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        output = process.communicate(timeout=300)[0]
-    finally:
-        process.kill()  # if it never stopped
-    assert process.returncode == code, output
-
-    run = only((tmp_path / root).glob("*-fit-*"))
-    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    if sig == signal.SIGKILL:  # no clean-up: the checkpoint of the first epoch's end
-        assert saved["global_step"] == STEPS_PER_EPOCH and saved["epoch"] == 0
-    else:  # stopped at the next batch boundary, with a checkpoint
-        assert saved["global_step"] == STOP_AT and saved["epoch"] == 1
-        assert "resume with --ckpt_path last" in output
-
-    # The resume, then the run never stopped, in this process: nothing of the stopped process is in its memory.
-    from cifar.cli import main
-
-    epochs = str(saved["epoch"] + 2)
-    with pytest.MonkeyPatch.context() as patch, app_messages() as said:
-        patch.chdir(tmp_path)
-        main(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", epochs])
-        assert f"--ckpt_path last: {root}/{run.name}/checkpoints/last.ckpt" in "\n".join(said)
-        final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
-        assert final["epoch"] == saved["epoch"] + 1
-        assert final["global_step"] == (saved["epoch"] + 2) * STEPS_PER_EPOCH  # no step lost or counted twice
-        main(["fit", *common, "--trainer.max_epochs", epochs, "--trainer.default_root_dir", "straight"])
-    straight = torch.load(only((tmp_path / "straight").glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
-    for name, tensor in straight["state_dict"].items():
-        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    """Stop a real fit mid-training at a fixed step; `--ckpt_path last` continues it in the same run to the weights
+    of a run never stopped (conftest's `stopped_run_resumes_exactly`, which test_cuda.py runs on the device)."""
+    stopped_run_resumes_exactly(sig, code, recipe, tmp_path)
 
 
 def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path, monkeypatch):
@@ -77,9 +31,8 @@ def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path
     monkeypatch.setattr(RandomState, "on_load_checkpoint",
                         lambda self, trainer, *args: restores.append(trainer.state.fn) or restore(self, trainer, *args))  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", "--data.batch_size",
-              "8", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "3",
-              "--trainer.deterministic", "true"]  # fmt: skip
+    common = options(folder_data, "--seed_everything", "3", "--trainer.deterministic", "true", val_size=12,
+                     batch_size=8, progress_bar=False, logger=False)  # fmt: skip
     main(["fit", *common, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "straight"])
     main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "resumed"])
     main(["fit", *common, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
@@ -99,6 +52,26 @@ def test_resume_parity_two_epochs_straight_or_one_plus_one(folder_data, tmp_path
     monkeypatch.setattr(torch, "set_rng_state", set_states.append)
     main(["validate", *common, "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
     assert restores == ["fit", "validate"] and set_states == []  # validate leaves this process's random state alone
+
+
+def test_under_ddp_the_ranks_agree_on_a_stop_every_8_batches_not_every_batch():
+    """The agreement is a collective (a host sync on GPUs): once per 8 steps, at the same batch on every rank."""
+    from cifar.resume import Stopped, StopOnSignal
+
+    stopper = StopOnSignal()
+    agreed = []
+    ddp = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: agreed.append(stop) or stop))
+    for batch_idx in range(20):
+        stopper.on_train_batch_start(ddp, None, None, batch_idx)
+    assert agreed == [False, False, False]  # batches 0, 8 and 16
+    stopper.requested = signal.SIGTERM
+    stopper.on_train_batch_start(ddp, None, None, 21)  # between agreements: go on
+    with pytest.raises(Stopped) as stop:
+        stopper.on_train_batch_start(ddp, None, None, 24)
+    assert stop.value.code == 143 and agreed[-1] is True
+    single = SimpleNamespace(world_size=1, strategy=None)  # one process: every batch, no collective
+    with pytest.raises(Stopped):
+        stopper.on_train_batch_start(single, None, None, 21)
 
 
 def test_random_state_is_restored_on_the_cuda_devices_there_are(monkeypatch):
@@ -135,12 +108,9 @@ def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint_intact(tmp_path
 
 
 def test_a_corrupt_newest_checkpoint_is_named_not_used(fitted, tmp_path, capsys, monkeypatch):
-    from test_errors import cli_error
-
     fitted_copy(fitted, tmp_path)  # the shared fit, copied here
     monkeypatch.chdir(tmp_path)
-    common = ["--config", CONFIG, "--data.data_dir", "data", "--data.val_size", "12",
-              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]  # fmt: skip
+    common = options("data", val_size=12, progress_bar=False, logger=False)
     run = only(Path("runs/cifar").glob("*-fit-*"))
     for ckpt in ("last", "best"):  # `best`: the file run.json names, which a corrupt last.ckpt does not hide
         name = "last.ckpt" if ckpt == "last" else json.loads((run / "run.json").read_text())["best"]
@@ -153,8 +123,7 @@ def test_a_corrupt_newest_checkpoint_is_named_not_used(fitted, tmp_path, capsys,
 def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_path):
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "local-" + "0" * 40, "WANDB_INIT_TIMEOUT": "5"}
     started = time.time()
-    result = run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
-                      "--trainer.logger.init_args.offline", "false", "--trainer.max_epochs", "1"],
+    result = run_cli(["fit", *options(folder_data, "--trainer.logger.init_args.offline", "false", val_size=12, epochs=1)],
                      tmp_path, env=env, check=False)  # fmt: skip
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -168,8 +137,7 @@ def test_resumed_wandb_run_keeps_its_id_and_both_parts_are_syncable(folder_data,
 
     from cifar.cli import main
 
-    common = ["--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
-              "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    common = options(folder_data, val_size=12, batch_size=8, progress_bar=False)
     with monkeypatch.context() as patch:  # the first part in this process, the second in a new one
         patch.chdir(tmp_path)
         main(["fit", *common, "--trainer.max_epochs", "1"])
@@ -193,10 +161,9 @@ def test_fast_recipe_resumed_without_its_seed_ends_with_the_same_weights(folder_
     from cifar.cli import main
 
     monkeypatch.chdir(tmp_path)
-    common = ["--config", FAST_CONFIG, "--data.data_dir", str(folder_data),
-              "--data.val_size", "0", "--data.batch_size", "16", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--model.scheduler.init_args.total_steps", "12"]  # 4 epochs x 3 steps, whatever max_epochs says
+    common = options(folder_data, "--trainer.enable_model_summary", "false", "--model.scheduler.init_args.total_steps",
+                     "12", config=FAST_CONFIG, val_size=0, batch_size=16, logger=False, progress_bar=False)
+    # total_steps 12: 4 epochs x 3 steps, whatever max_epochs says
     main(["fit", *common, "--seed_everything", "7", "--trainer.max_epochs", "4", "--trainer.default_root_dir", "straight"])
     main(["fit", *common, "--seed_everything", "7", "--trainer.max_epochs", "2", "--trainer.default_root_dir", "resumed"])
     monkeypatch.delenv("PL_GLOBAL_SEED")  # Lightning keeps the last seed here: a new process would not have it

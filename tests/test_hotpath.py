@@ -1,25 +1,14 @@
 """The training hot path, checked on the CPU for what would cost on a GPU: host syncs per step, where a batch's
-index lives, ops with no deterministic CUDA backward, `model.compile` recompiles, per-batch augmentation draws."""
+index lives, ops with no deterministic CUDA backward, `model.compile` recompiles, per-batch augmentation draws;
+and on the CPU itself, glibc keeping freed memory for the next step."""
 
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_CONFIG
+from conftest import FAST_CONFIG, ScalarReads, options
 from lightning.pytorch import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
-
-class ScalarReads(TorchDispatchMode):
-    """Counts tensor -> Python number conversions (`.item()`, `float(t)`, `if t:`): on a GPU each is a host sync,
-    the host waiting for every queued kernel."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 class SyncsPerStep(Callback):
@@ -48,10 +37,10 @@ def test_a_training_step_reads_no_tensor_back_but_the_logged_loss(folder_data, t
 
     monkeypatch.chdir(tmp_path)
     SyncsPerStep.STEPS.clear()
-    main(["fit", "--config", FAST_CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "0",
-          "--data.batch_size", "4", "--trainer.max_epochs", "2", "--trainer.precision", "32",
-          "--trainer.log_every_n_steps", "3", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-          "--trainer.logger.save_dir", "logs", "--trainer.callbacks+=test_hotpath.SyncsPerStep"])  # fmt: skip
+    main(["fit", *options(folder_data, "--trainer.precision", "32", "--trainer.log_every_n_steps", "3",
+                          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs",
+                          "--trainer.callbacks+=test_hotpath.SyncsPerStep", config=FAST_CONFIG, val_size=0,
+                          batch_size=4, epochs=2)])  # fmt: skip
     steps = SyncsPerStep.STEPS
     assert len(steps) == 2 * (12 - 1)  # 48 images / 4 per batch, 2 epochs; the last batch of each has no successor
     logged = [reads for step, reads in steps if (step + 1) % 3 == 0]
@@ -155,10 +144,9 @@ def test_a_compiled_net_recompiles_only_for_the_last_batch_and_for_evaluation(fo
     logging.getLogger("torch._dynamo").addHandler(handler)
     monkeypatch.chdir(tmp_path)
     try:
-        main(["fit", "--config", FAST_CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "10",
-              "--data.batch_size", "16", "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
-              "--trainer.precision", "32", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--model.compile", "true"])  # fmt: skip
+        main(["fit", *options(folder_data, "--trainer.check_val_every_n_epoch", "1", "--trainer.precision", "32",
+                              "--model.compile", "true", config=FAST_CONFIG, val_size=10, batch_size=16, epochs=2,
+                              logger=False, progress_bar=False)])  # fmt: skip
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
         torch._logging.set_logs()
@@ -167,3 +155,34 @@ def test_a_compiled_net_recompiles_only_for_the_last_batch_and_for_evaluation(fo
     assert len(recompiles) == 2, recompiles
     assert "size mismatch at index 0" in recompiles[0] and "grad_mode" in recompiles[1]
     assert len(recompiles) < torch._dynamo.config.recompile_limit
+
+
+FREED_MEMORY_PROBE = """
+import sys, torch
+from cifar.malloc import keep_freed_memory
+applied = keep_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20  # MB
+for _ in range(3):
+    block = torch.ones(2**26)  # 256 MB, past glibc's largest mmap threshold (32 MB)
+    held = rss()
+    del block
+print(applied, held - rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc (Linux)")
+@pytest.mark.parametrize("environ", [{}, {"MALLOC_ARENA_MAX": "2"}], ids=["default", "user_malloc_settings"])
+def test_freed_memory_is_kept_for_the_next_step_unless_the_user_tuned_malloc(environ, monkeypatch):
+    """Under glibc, a freed 256 MB block stays in the process (the next step reuses it) rather than being
+    unmapped and faulted in again; the user's own MALLOC_* settings are left alone."""
+    import subprocess
+    import sys
+
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    done = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], capture_output=True, text=True, check=True)
+    applied, released = done.stdout.split()
+    if environ:
+        assert (applied, int(released) > 200) == ("False", True)  # glibc's default: unmapped on free
+    else:
+        assert (applied, int(released) < 50) == ("True", True)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import CONFIG, app_messages
+from conftest import app_messages, options
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -33,8 +33,7 @@ def test_a_model_built_in_python_checkpoints_without_pickled_objects(folder_data
 
     with pytest.MonkeyPatch.context() as patch, app_messages() as said:  # the CLI, in this process
         patch.chdir(tmp_path)
-        main(["test", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12",
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--ckpt_path", str(path)])  # fmt: skip
+        main(["test", *options(folder_data, "--ckpt_path", str(path), val_size=12, logger=False, progress_bar=False)])
     # The CLI tests the very model: its printed accuracy is this model's on the data's test split.
     data.setup("test")
     with torch.no_grad():

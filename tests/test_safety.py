@@ -4,8 +4,7 @@ import os
 from pathlib import Path
 
 import torch
-from conftest import CONFIG, FAST
-from test_errors import cli_error
+from conftest import FAST, cli_error, options
 
 from cifar.cli import main
 
@@ -26,17 +25,16 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(folder_dat
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Payload(marker)}}, evil)
     for subcommand in ("test", "validate", "predict", "fit"):
-        message = cli_error([subcommand, "--config", CONFIG, "--data.data_dir", str(folder_data),
-                             "--data.predict_dir", str(folder_data), "--ckpt_path", str(evil)], capsys)  # fmt: skip
+        message = cli_error([subcommand, *options(folder_data, "--data.predict_dir", str(folder_data), "--ckpt_path",
+                                                  str(evil))], capsys)  # fmt: skip
         assert f"{evil} is not a readable Lightning checkpoint" in message
     assert not marker.exists()
 
 
 def test_same_seed_same_weights_and_metrics(folder_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", CONFIG, "--data.data_dir", str(folder_data), "--data.val_size", "12", *FAST,
-            "--trainer.max_epochs", "1", "--seed_everything", "7", "--trainer.deterministic", "true",
-            "--trainer.logger", "false"]  # fmt: skip
+    args = ["fit", *options(folder_data, *FAST, "--trainer.max_epochs", "1", "--seed_everything", "7",
+                            "--trainer.deterministic", "true", "--trainer.logger", "false", val_size=12)]  # fmt: skip
     main(args)
     main(args)
     runs = sorted(Path("runs/cifar").glob("*-fit-*"))
