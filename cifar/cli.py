@@ -27,7 +27,7 @@ from cifar.errors import UserError, first_line
 from cifar.export import export
 from cifar.malloc import keep_freed_memory
 from cifar.module import LitModel
-from cifar.resume import RandomState, Stopped, StopOnSignal
+from cifar.resume import RandomState, StopOnSignal, Stopped
 from cifar.serve import serve
 
 TOOLS = {"export": export, "serve": serve}  # subcommands that are not training: `main.py export --help`
@@ -173,6 +173,15 @@ def run_tool(name: str, argv: list[str]) -> None:
     tool(model, ckpt_path, **{key: options[key] for key in list(inspect.signature(tool).parameters)[2:]})
 
 
+def sweep(argv: list[str]) -> None:
+    """`main.py sweep`: imported only here, with Optuna (the [sweep] extra)."""
+    try:
+        from cifar.sweep import command
+    except ImportError as error:
+        raise UserError(f"sweep needs {error.name or 'Optuna'}: pip install -e '.[sweep]'") from None
+    command(argv)
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args=None` reads sys.argv); a user's mistake ends in one line on stderr and exit code 2."""
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per step: noise, not news.
@@ -181,12 +190,15 @@ def main(args: list[str] | None = None) -> None:
     # score it as they should, and Lightning's warning that the callback's state is not restored there is noise.
     warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback, but loading a checkpoint")
     # Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command, through plain Python logging.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith("💡 Tip"))
+    lightning_console = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_console.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
     argv = sys.argv[1:] if args is None else args
     stopper = StopOnSignal()
     try:
         if argv and argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
+        if argv and argv[0] == "sweep":
+            return sweep(argv[1:])
         cli = CifarCLI(
             LitModel,
             CIFAR10DataModule,
@@ -196,7 +208,7 @@ def main(args: list[str] | None = None) -> None:
             load_from_checkpoint_support=False,  # a checkpoint holds its config once: in the run's record
             args=args,
             parser_kwargs={"exit_on_error": False,  # errors come to us: one line, not the whole usage
-                           "epilog": f"tools: {', '.join(TOOLS)} (main.py export --help, main.py serve --help)"},  # fmt: skip
+                           "epilog": f"tools: {', '.join(TOOLS)}, sweep (main.py TOOL --help)"},  # fmt: skip
         )
         if (e := cli.run.evaluation) and e["overlap"] and cli.subcommand in ("validate", "test"):
             rank_zero_info(f"The results above: {e['note']}")  # after Lightning's table
@@ -214,7 +226,7 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except ArgumentError as error:  # unknown key, wrong type, unreadable --config file
-        command = f"main.py {argv[0]} --help" if argv and argv[0] in TOOLS else "main.py SUBCOMMAND --help"
+        command = f"main.py {argv[0]} --help" if argv and argv[0] in (*TOOLS, "sweep") else "main.py SUBCOMMAND --help"
         print(f"error: {' '.join(str(error).split())} (the options and their types: {command})", file=sys.stderr)
         sys.exit(2)
     except (UserError, MisconfigurationException) as error:  # ours, and Lightning's for bad trainer values

@@ -6,12 +6,14 @@ subprocess through `run_cli(..., checksums=...)`). Everything runs offline: W&B 
 """
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +21,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import wandb
+import yaml
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.datasets import CIFAR10
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +71,146 @@ def app_messages():
         yield said
     finally:
         logger.removeHandler(handler)
+
+
+def exit_code(args: list[str]) -> int:
+    """The exit code of `main(args)` in this process (the real CLI), which must end in SystemExit: an error (2),
+    `--help` or `--print_config` (0)."""
+    from cifar.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    return stop.value.code
+
+
+def cli_error(args: list[str], capsys) -> str:
+    """The one `error: ...` line of `main(args)` in this process, after asserting what every user mistake gets:
+    exit code 2, no traceback, exactly one `error:` line on stderr."""
+    capsys.readouterr()  # what earlier commands of the test wrote
+    assert exit_code(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def options(data_dir, *extra: str, config: str = CONFIG, val_size=None, batch_size=None, epochs=None,
+            logger: bool | None = None, progress_bar: bool | None = None) -> list[str]:
+    """The common option list of a command: `--config CONFIG --data.data_dir DATA_DIR`, then each keyword given
+    (None: left off, the config's value), then `extra`. `logger=False` is `--trainer.logger false`,
+    `progress_bar=False` is `--trainer.enable_progress_bar false`."""
+    args = ["--config", str(config), "--data.data_dir", str(data_dir)]
+    for option, value in (("--data.val_size", val_size), ("--data.batch_size", batch_size),
+                          ("--trainer.max_epochs", epochs)):  # fmt: skip
+        if value is not None:
+            args += [option, str(value)]
+    for option, value in (("--trainer.logger", logger), ("--trainer.enable_progress_bar", progress_bar)):
+        if value is not None:
+            args += [option, str(value).lower()]
+    return [*args, *extra]
+
+
+def sweep_file(where: Path, data_dir: Path, parameters: dict, *fit_options: str, name: str = "sweep", logger=False,
+               **keys) -> Path:  # fmt: skip
+    """A W&B sweep file `<where>/<name>.yaml` whose trials fit `data_dir` with configs/cifar.yaml for 2 epochs (no
+    progress bar, no logger unless `logger` is None: the config's W&B; `fit_options` after), on `parameters`;
+    `keys` (method, metric, ...) over random, val_loss minimized."""
+    command = ["${env}", "${interpreter}", "${program}", "fit", *options(data_dir, val_size=12, epochs=2, logger=logger,
+               progress_bar=False), *fit_options, "${args}"]  # fmt: skip
+    spec = {"method": "random", "metric": {"name": "val_loss", "goal": "minimize"}, "parameters": parameters,
+            "command": command, **keys}  # fmt: skip
+    (where / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return where / f"{name}.yaml"
+
+
+def sweep_trials(folder: Path) -> list[dict]:
+    """The rows of a sweep's trials.csv."""
+    with (folder / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+STEPS_PER_EPOCH = (3 * 20 - 12) // 4  # stopped_run_resumes_exactly's data: 60 images, 12 for validation, batch 4
+STOP_AT = STEPS_PER_EPOCH + 5  # mid-way through the second epoch, after the first epoch's checkpoint
+# The fast recipe's augmentation draws random numbers for each batch before Lightning's stop check: its
+# variant proves that a stop between the draw and the step does not shift the resumed run's draws.
+FAST_RECIPE = ["--config", FAST_CONFIG, "--trainer.precision", "32",  # 1000 epochs: the same schedule in every run
+               "--model.scheduler.init_args.total_steps", str(1000 * STEPS_PER_EPOCH)]  # fmt: skip
+
+
+def stopped_run_resumes_exactly(sig: signal.Signals, code: int, recipe: list[str], tmp_path: Path) -> None:
+    """Stop a real fit mid-training (the process gets `sig` at a fixed step, mid-epoch, from signals.SignalAt) and
+    assert it exits `code`; then `--ckpt_path last` continues it in the same run, with no batch lost or repeated:
+    the final weights equal those of a run that was never stopped (same seed). `recipe`: options after
+    `--config configs/cifar.yaml` (FAST_RECIPE: the fast recipe; a device's options)."""
+    from cifar.cli import main
+
+    data = make_folder_data(tmp_path / "data", per_class=20, test_per_class=1)
+    common = ["--config", CONFIG, *recipe, "--data.data_dir", str(data), "--data.val_size", "12", "--data.batch_size",
+              "4", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--seed_everything", "5",
+              "--trainer.deterministic", "true"]  # fmt: skip
+    root = "runs/fast" if FAST_CONFIG in recipe else "runs/cifar"
+    signal_at = ["--trainer.callbacks+=signals.SignalAt", "--trainer.callbacks.step", str(STOP_AT),
+                 "--trainer.callbacks.signal", sig.name]  # fmt: skip
+    process = subprocess.Popen(cli_command(["fit", *common, "--trainer.max_epochs", "1000", *signal_at]),
+                               cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        output = process.communicate(timeout=300)[0]
+    finally:
+        process.kill()  # if it never stopped
+    assert process.returncode == code, output
+
+    run = only((tmp_path / root).glob("*-fit-*"))
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    if sig == signal.SIGKILL:  # no clean-up: the checkpoint of the first epoch's end
+        assert saved["global_step"] == STEPS_PER_EPOCH and saved["epoch"] == 0
+    else:  # stopped at the next batch boundary, with a checkpoint
+        assert saved["global_step"] == STOP_AT and saved["epoch"] == 1
+        assert "resume with --ckpt_path last" in output
+
+    # The resume, then the run never stopped, in this process: nothing of the stopped process is in its memory.
+    epochs = str(saved["epoch"] + 2)
+    with pytest.MonkeyPatch.context() as patch, app_messages() as said:
+        patch.chdir(tmp_path)
+        main(["fit", *common, "--ckpt_path", "last", "--trainer.max_epochs", epochs])
+        assert f"--ckpt_path last: {root}/{run.name}/checkpoints/last.ckpt" in "\n".join(said)
+        final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the same run continues
+        assert final["epoch"] == saved["epoch"] + 1
+        assert final["global_step"] == (saved["epoch"] + 2) * STEPS_PER_EPOCH  # no step lost or counted twice
+        main(["fit", *common, "--trainer.max_epochs", epochs, "--trainer.default_root_dir", "straight"])
+    straight = torch.load(only((tmp_path / "straight").glob("*-fit-*/checkpoints/last.ckpt")), weights_only=True)
+    for name, tensor in straight["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts tensor -> Python number conversions (`.item()`, `float(t)`, `if t:`): on a GPU each is a host sync,
+    the host waiting for every queued kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_exported(fmt: str, path: Path, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Probabilities and class names from an exported file (`onnx`, `torch_export`, `torchscript`), with its own
+    runtime only."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path))
+        (probs,) = session.run(None, {"images": images.numpy()})
+        return torch.from_numpy(probs), json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+    extra = {"classes.json": ""}
+    if fmt == "torch_export":
+        program = torch.export.load(str(path), extra_files=extra)
+        return program.module()(images), json.loads(extra["classes.json"])
+    return torch.jit.load(str(path), _extra_files=extra)(images), json.loads(extra["classes.json"])
 
 
 def md5(path: Path) -> str:
@@ -235,8 +380,7 @@ def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
         for key, value in wandb_env(root).items():
             patch.setenv(key, value) if value is not None else patch.delenv(key, raising=False)
         for config in CONFIGS:
-            common = ["--config", str(config), "--data.data_dir", str(data), "--data.batch_size", "4",
-                      "--trainer.enable_progress_bar", "false"]  # fmt: skip
+            common = options(data, config=config, batch_size=4, progress_bar=False)
             fitted = set(root.glob("runs/*/*-fit-*"))
             main(["fit", *common, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                   "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",

@@ -37,3 +37,24 @@ class SignalAt(Callback):
             Path(self.touch).write_text(f"{trainer.global_step}\n")
         if self.signal:
             os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+class SignalWorkerOnce(Callback):
+    """In a sweep trial's `fit`: when training has taken `step` steps, send the sweep worker (this process's parent)
+    `signal` (SIGKILL, SIGINT), unless the file `marker` exists, which it writes first: once per test, whichever
+    trial gets there first.
+
+    Args:
+        marker: The file that says it was done.
+        signal: The signal's name.
+        step: The trainer's global step after which to act.
+    """
+
+    def __init__(self, marker: str, signal: str, step: int = 1):
+        self.marker, self.signal, self.step = Path(marker), signal, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step < self.step or self.marker.exists():
+            return
+        self.marker.write_text(f"{os.getpid()} {trainer.global_step}\n")
+        os.kill(os.getppid(), getattr(signals, self.signal))

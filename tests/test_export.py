@@ -1,14 +1,12 @@
 """export: a checkpoint as ONNX, torch.export and TorchScript files that map uint8 images to the LitModel's
 probabilities, loaded by onnxruntime, `torch.export.load` and `torch.jit.load` alone."""
 
-import json
 import sys
 from pathlib import Path
 
-import onnxruntime
 import pytest
 import torch
-from conftest import CLASSES, CONFIG, fitted_copy
+from conftest import CLASSES, CONFIG, cli_error, exit_code, fitted_copy, run_exported
 
 from cifar.cli import load_model, main
 from cifar.export import EXPORTERS
@@ -29,19 +27,6 @@ def export(*args: str) -> None:
     main(["export", "--config", CONFIG, *args])  # in-process: the same CLI, without a second start-up
 
 
-def run_exported(fmt: str, path: Path, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """Probabilities and class names from an exported file, with its own runtime only."""
-    if fmt == "onnx":
-        session = onnxruntime.InferenceSession(str(path))
-        (probs,) = session.run(None, {"images": images.numpy()})
-        return torch.from_numpy(probs), json.loads(session.get_modelmeta().custom_metadata_map["classes"])
-    extra = {"classes.json": ""}
-    if fmt == "torch_export":
-        program = torch.export.load(str(path), extra_files=extra)
-        return program.module()(images), json.loads(extra["classes.json"])
-    return torch.jit.load(str(path), _extra_files=extra)(images), json.loads(extra["classes.json"])
-
-
 def test_every_format_gives_the_checkpoints_probabilities_and_class_names(best: Path, tmp_path: Path):
     model = load_model(best)
     for fmt in ("onnx", "torch_export", "torchscript"):
@@ -59,12 +44,7 @@ def test_every_format_gives_the_checkpoints_probabilities_and_class_names(best: 
 
 def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsys, monkeypatch):
     def error(*args: str) -> str:
-        with pytest.raises(SystemExit) as stop:
-            export(*args)
-        assert stop.value.code == 2
-        err = capsys.readouterr().err
-        assert "Traceback" not in err, err
-        return next(line for line in err.splitlines() if line.startswith("error: "))
+        return cli_error(["export", "--config", CONFIG, *args], capsys)
 
     (tmp_path / "taken.onnx").write_text("keep me")
     assert "taken.onnx already exists" in error("--ckpt_path", "best", "--output", "taken.onnx")
@@ -83,15 +63,12 @@ def test_export_mistakes_end_in_one_error_line(best: Path, tmp_path: Path, capsy
 
 
 def test_export_is_a_tool_with_its_own_help_and_the_model_options(capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(["export", "--help"])
-    assert stop.value.code == 0
+    assert exit_code(["export", "--help"]) == 0
     usage = capsys.readouterr().out
     assert all(f"--{option}" in usage for option in ("config", "ckpt_path", "format", "output", "model.tta"))
     assert not any(group in usage for group in ("--trainer", "--data", "--seed_everything", "--root"))
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    assert "tools: export, serve (main.py export --help, main.py serve --help)" in capsys.readouterr().out
+    assert exit_code(["--help"]) == 0
+    assert "tools: export, serve, sweep (main.py TOOL --help)" in capsys.readouterr().out
 
 
 def test_export_reads_its_checkpoint_once_and_takes_model_options_over_its_config(best: Path, tmp_path: Path,

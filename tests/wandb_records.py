@@ -91,3 +91,12 @@ def tags(path: Path) -> list[str]:
         if record.WhichOneof("record_type") == "run" and record.run.tags:
             found = list(record.run.tags)
     return found
+
+
+def group(path: Path) -> str:
+    """The run's group, as last set."""
+    found = ""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run" and record.run.run_group:
+            found = record.run.run_group
+    return found
