@@ -76,8 +76,8 @@ def test_a_failing_trial_is_recorded_with_its_error_line_and_the_sweep_goes_on(f
 
 
 def test_a_worker_killed_by_sigkill_leaves_no_trial_running_and_the_sweep_completes(folder_data: Path, tmp_path: Path):
-    kill = ["--trainer.max_epochs", "1", "--trainer.callbacks+=signals.SignalWorkerOnce", "--trainer.callbacks.marker", str(tmp_path / "killed"),
-            "--trainer.callbacks.signal", "SIGKILL"]
+    kill = ["--data.batch_size", "4", "--trainer.callbacks+=signals.SignalWorkerOnce",  # 18 steps: it stops mid-way
+            "--trainer.callbacks.marker", str(tmp_path / "killed"), "--trainer.callbacks.signal", "SIGKILL"]
     command = ["sweep", str(sweep_file(tmp_path, folder_data, LR, *kill)), "--trials", "2", "--heartbeat", "1"]
     killed = subprocess.run(cli_command(command), cwd=tmp_path, env=cli_env(), capture_output=True, timeout=600)
     assert killed.returncode == -9 and (tmp_path / "killed").exists()
@@ -90,7 +90,8 @@ def test_a_worker_killed_by_sigkill_leaves_no_trial_running_and_the_sweep_comple
 
 def test_ctrl_c_stops_the_worker_after_its_trial_saves_and_the_same_command_continues(folder_data: Path,
                                                                                         tmp_path: Path):
-    interrupt = ["--trainer.max_epochs", "1", "--trainer.callbacks+=signals.SignalWorkerOnce", "--trainer.callbacks.marker",
+    interrupt = ["--data.batch_size", "4", "--trainer.callbacks+=signals.SignalWorkerOnce",  # 18 steps: mid-way
+                 "--trainer.callbacks.marker",
                  str(tmp_path / "interrupted"), "--trainer.callbacks.signal", "SIGINT"]
     command = ["sweep", str(sweep_file(tmp_path, folder_data, LR, *interrupt)), "--trials", "2"]
     stopped = run_cli(command, tmp_path, check=False)
