@@ -16,7 +16,7 @@ from lightning.pytorch import Callback
 
 
 class BatchTimer(Callback):
-    """Writes {"batch_size", "starts": [seconds], "peak_rss_mb", "epoch_rss_mb": [MB after each training
+    """Writes {"batch_size", "starts": [seconds], "epochs": [each start's epoch], "peak_rss_mb", "epoch_rss_mb": [MB after each training
     epoch], "threads"} to `output` when training ends.
 
     Args:
@@ -26,6 +26,7 @@ class BatchTimer(Callback):
     def __init__(self, output: str = "batch_times.json"):
         self.output = output
         self.starts: list[float] = []
+        self.epochs: list[int] = []  # each start's epoch
         self.epoch_rss_mb: list[float] = []
         self.batch_size = 0
 
@@ -33,6 +34,7 @@ class BatchTimer(Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # on a GPU, time finished work, not queued work
         self.starts.append(time.perf_counter())
+        self.epochs.append(trainer.current_epoch)
         self.batch_size = len(batch[0])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -45,6 +47,7 @@ class BatchTimer(Callback):
         status = Path("/proc/self/status").read_text()
         peak_mb = next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
         Path(self.output).write_text(json.dumps({"batch_size": self.batch_size, "starts": self.starts,
+                                                 "epochs": self.epochs,
                                                  "peak_rss_mb": peak_mb, "epoch_rss_mb": self.epoch_rss_mb,
                                                  "threads": torch.get_num_threads()}))  # fmt: skip
 

@@ -1,7 +1,6 @@
-"""The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, the tools
-export and serve, and every mistake a user can make as one line with exit code 2. Every command takes `--config`
-and `--ckpt_path best|last|PATH`, and rebuilds a checkpoint's model one way: from the config the checkpoint holds,
-then `--config` files, then the command line (README, "Runs")."""
+"""The command line: `LightningCLI(LitModel, CIFAR10DataModule)` for fit, validate, test and predict, the tools export,
+serve and sweep, and every mistake a user can make as one line with exit code 2. A checkpoint's model is rebuilt one
+way for every command: its config, then `--config` files, then the command line (README, "Runs")."""
 
 import argparse
 import contextlib
@@ -11,8 +10,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from pydoc import locate
 
-import wandb
 import wandb.errors
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, Namespace
@@ -25,7 +24,7 @@ from cifar import loggers, run
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError, first_line
 from cifar.export import export
-from cifar.malloc import keep_freed_memory
+from cifar.cpu import keep_freed_memory
 from cifar.module import LitModel
 from cifar.resume import RandomState, StopOnSignal, Stopped
 from cifar.serve import serve
@@ -50,17 +49,11 @@ class CifarCLI(LightningCLI):
                             "fit from it) even on images it trained on, the results marked 'overlaps training data'")  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """Parse; with a checkpoint, read it (once) and parse the same arguments again on top of its config, so that
-        `--config` files and the options typed win over it, and `test --ckpt_path best` needs no `--config`."""
         super().parse_arguments(parser, args)
         command, self.checkpoint = self.config.get("subcommand"), None
         if command and self.config[command].get("ckpt_path"):
-            config = self.config[command]
-            ckpt_path = run.find_checkpoint(config.ckpt_path, Path(config.trainer.default_root_dir))
-            self.checkpoint = run.load_checkpoint(ckpt_path)
-            start = parser.parse_object({"subcommand": command, command: run.config_of(self.checkpoint)}, defaults=False)
-            self.config = parser.parse_args(args, namespace=start)
-            self.config[command].ckpt_path = str(ckpt_path)
+            self.config, self.checkpoint = over_checkpoint(parser, args, self.config, command)
+            ckpt_path = self.config[command].ckpt_path
             rank_zero_info(f"Config: checkpoint {ckpt_path}'s, then --config files and the command line")
 
     def _parse_ckpt_path(self) -> None:
@@ -81,10 +74,9 @@ class CifarCLI(LightningCLI):
         downloaded is read when the trainer runs, and cannot be checked."""
         command, config, data = self.subcommand, self.config[self.subcommand], self.datamodule
         self.trainer.callbacks.append(run.RunRecord(self.run, self.given, config.ckpt_path))
-        read = data.format is not None or command == "predict"
-        if read:
+        if read := data.format is not None or command == "predict":
             data.setup(command)  # Lightning's stages are the commands' names
-        if command == "fit":  # training only, once the data is read: larger RSS for faster CPU steps (malloc.py)
+        if command == "fit":  # training only, once the data is read: larger RSS for faster CPU steps (cpu.py)
             keep_freed_memory()
         if read and self.checkpoint and command != "predict":
             fit_run = self.checkpoint.get("run", {}).get("name") or getattr(run.run_of(config.ckpt_path), "name", None)
@@ -100,25 +92,29 @@ class CifarCLI(LightningCLI):
             rank_zero_info(f"Evaluating {e['data']}: {e['note']}")
 
 
+def over_checkpoint(parser: LightningArgumentParser, args, config: Namespace, command: str | None = None):
+    """(config, checkpoint): `--ckpt_path` resolved, the checkpoint read once, and `args` parsed again over its config,
+    so that `--config` files and the options typed win over it (`test --ckpt_path best` needs no `--config`)."""
+    options = config[command] if command else config
+    ckpt_path = run.find_checkpoint(options.ckpt_path, Path(options.trainer.get("default_root_dir") or "runs"))
+    checkpoint = run.load_checkpoint(ckpt_path)
+    start = run.config_of(checkpoint)
+    start = {"subcommand": command, command: start} if command else start
+    config = parser.parse_args(args, namespace=parser.parse_object(start, defaults=False))
+    (config[command] if command else config).ckpt_path = str(ckpt_path)
+    return config, checkpoint
+
+
 def point_at(run_: run.Run, config: Namespace) -> None:
     """Point the parsed config at the run: the trainer's root, every logger, and ModelCheckpoint's `dirpath` where
     unset (LightningCLI builds them from the config, and none takes a directory afterwards)."""
     config.trainer.default_root_dir = str(run_.dir)
-    for entry in entries(config.trainer.logger):
-        loggers.point(entry, class_of(entry.class_path), run_)
-    for entry in entries(config.trainer.callbacks):
-        if issubclass(class_of(entry.class_path), ModelCheckpoint) and not entry.init_args.get("dirpath"):
-            entry.init_args.dirpath = str(run_.dir / "checkpoints")
-
-
-def class_of(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
-
-
-def entries(value) -> list[Namespace]:
-    """The class_path/init_args entries of a config value that may be None, a bool, one entry or a list."""
-    return [e for e in (value if isinstance(value, list) else [value]) if isinstance(e, Namespace) and "class_path" in e]
+    for kind, value in (("logger", config.trainer.logger), ("callbacks", config.trainer.callbacks)):
+        for entry in [e for e in (value if isinstance(value, list) else [value]) if isinstance(e, Namespace)]:
+            if kind == "logger":
+                loggers.point(entry, locate(entry.class_path), run_)
+            elif issubclass(locate(entry.class_path), ModelCheckpoint) and not entry.init_args.get("dirpath"):
+                entry.init_args.dirpath = str(run_.dir / "checkpoints")
 
 
 def model_parser(**kwargs) -> LightningArgumentParser:
@@ -137,25 +133,22 @@ def model_parser(**kwargs) -> LightningArgumentParser:
 
 
 def rebuilt(parser: LightningArgumentParser, argv: list[str]) -> tuple[Namespace, LitModel, Path]:
-    """(options, model, checkpoint path): `--ckpt_path` resolved, the checkpoint read once, and its model rebuilt
-    as `test` rebuilds it (its config, then `--config` files and the command line), eager, with its weights."""
-    options = parser.parse_args(argv)
-    if not options.ckpt_path:
+    """(options, model, checkpoint path): the checkpoint's model rebuilt as `test` rebuilds it, eager, with its
+    weights (`over_checkpoint`)."""
+    if not (options := parser.parse_args(argv)).ckpt_path:
         raise UserError("--ckpt_path is required: best, last or the path of a .ckpt file")
-    ckpt_path = run.find_checkpoint(options.ckpt_path, Path(options.trainer.get("default_root_dir") or "runs"))
-    checkpoint = run.load_checkpoint(ckpt_path)
-    start = parser.parse_object({"model": run.config_of(checkpoint).get("model") or {}}, defaults=False)
-    options = parser.parse_args(argv, namespace=start)
+    options, checkpoint = over_checkpoint(parser, argv, options)
     model = options.model
     model.compile = model.channels_last = False  # the same function, eager and plain
     if not model.classes:
         model.classes = [str(i) for i in range(model.num_classes)]
-        print(f"note: {ckpt_path} holds no class names; they are numbered 0..{model.num_classes - 1}", file=sys.stderr)
+        print(f"note: {options.ckpt_path} holds no class names; they are numbered 0..{model.num_classes - 1}",
+              file=sys.stderr)  # fmt: skip
     model.num_classes = model.net.init_args.num_classes = len(model.classes)  # as `fit` links them from the data
     lit_model = parser.instantiate_classes(Namespace(model=model)).model
     lit_model.on_load_checkpoint(checkpoint)  # a network of another shape: one line, not Lightning's page
     lit_model.load_state_dict(checkpoint["state_dict"])
-    return options, lit_model.eval(), ckpt_path
+    return options, lit_model.eval(), Path(options.ckpt_path)
 
 
 def load_model(ckpt_path: str | Path, *args: str) -> LitModel:
@@ -173,13 +166,9 @@ def run_tool(name: str, argv: list[str]) -> None:
     tool(model, ckpt_path, **{key: options[key] for key in list(inspect.signature(tool).parameters)[2:]})
 
 
-def sweep(argv: list[str]) -> None:
-    """`main.py sweep`: imported only here, with Optuna (the [sweep] extra)."""
-    try:
-        from cifar.sweep import command
-    except ImportError as error:
-        raise UserError(f"sweep needs {error.name or 'Optuna'}: pip install -e '.[sweep]'") from None
-    command(argv)
+def no_tip(record: logging.LogRecord) -> bool:
+    """Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command: not ours to advertise."""
+    return not str(record.msg).startswith("💡 Tip")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -189,16 +178,17 @@ def main(args: list[str] | None = None) -> None:
     # A checkpoint of a fit with EMAWeightAveraging holds the average as its weights: validate, test and predict
     # score it as they should, and Lightning's warning that the callback's state is not restored there is noise.
     warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback, but loading a checkpoint")
-    # Lightning 2.6 logs "💡 Tip: ... install litlogger / litmodels" in every command, through plain Python logging.
-    lightning_console = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    lightning_console.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
-    argv = sys.argv[1:] if args is None else args
-    stopper = StopOnSignal()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(no_tip)  # once, however often main runs
+    argv, stopper = sys.argv[1:] if args is None else args, StopOnSignal()
     try:
         if argv and argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:])
         if argv and argv[0] == "sweep":
-            return sweep(argv[1:])
+            try:
+                from cifar.sweep import command
+            except ImportError as error:  # Optuna: the [sweep] extra
+                raise UserError(f"sweep needs {error.name or 'Optuna'}: pip install -e '.[sweep]'") from None
+            return command(argv[1:])
         cli = CifarCLI(
             LitModel,
             CIFAR10DataModule,
@@ -207,8 +197,10 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,  # the optimizer is the model's own `optimizer` argument
             load_from_checkpoint_support=False,  # a checkpoint holds its config once: in the run's record
             args=args,
-            parser_kwargs={"exit_on_error": False,  # errors come to us: one line, not the whole usage
-                           "epilog": f"tools: {', '.join(TOOLS)}, sweep (main.py TOOL --help)"},  # fmt: skip
+            parser_kwargs={
+                "exit_on_error": False,  # errors come to us: one line, not the whole usage
+                "epilog": f"tools: {', '.join(TOOLS)}, sweep (main.py TOOL --help)",
+            },
         )
         if (e := cli.run.evaluation) and e["overlap"] and cli.subcommand in ("validate", "test"):
             rank_zero_info(f"The results above: {e['note']}")  # after Lightning's table
@@ -219,18 +211,14 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException:  # Lightning's own SIGTERM handling, outside training (test, validate, predict)
         print("stopped by SIGTERM before the run finished", file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM
-    except SystemExit as stop:
-        if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt):  # Lightning's exit after Ctrl-C
-            sys.exit(130)  # 128 + SIGINT
-        raise
+    except SystemExit as stop:  # Lightning exits 1 after Ctrl-C: a shell's 128 + SIGINT instead
+        sys.exit(130 if stop.code == 1 and isinstance(stop.__context__, KeyboardInterrupt) else stop.code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except ArgumentError as error:  # unknown key, wrong type, unreadable --config file
-        command = f"main.py {argv[0]} --help" if argv and argv[0] in (*TOOLS, "sweep") else "main.py SUBCOMMAND --help"
-        print(f"error: {' '.join(str(error).split())} (the options and their types: {command})", file=sys.stderr)
-        sys.exit(2)
-    except (UserError, MisconfigurationException) as error:  # ours, and Lightning's for bad trainer values
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    except (ArgumentError, UserError, MisconfigurationException) as error:  # Lightning's: bad trainer values
+        command = f"main.py {argv[0] if argv and argv[0] in (*TOOLS, 'sweep') else 'SUBCOMMAND'} --help"
+        types = f" (the options and their types: {command})" if isinstance(error, ArgumentError) else ""
+        print(f"error: {' '.join(str(error).split())}{types}", file=sys.stderr)
         sys.exit(2)
     except wandb.errors.Error as error:  # e.g. online with no reachable server, or an invalid API key
         print(f"error: W&B could not start the run ({first_line(error)}). Log offline with "

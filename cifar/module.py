@@ -10,10 +10,12 @@ from jsonargparse import lazy_instance
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar import cpu
 from cifar.errors import UserError
 from cifar.nets import TutorialCNN
 
@@ -165,6 +167,13 @@ class LitModel(LightningModule):
         return self.classifier(images, fraction=fraction)
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if "bf16" in precision and self.trainer.strategy.root_device.type == "cpu" and cpu.has_bf16() is False:
+            rank_zero_warn(
+                f"this CPU has no bf16 instructions (AVX512-BF16, AMX): --trainer.precision {precision} is emulated, "
+                "about 16x slower a step than 32-bit on an AVX2 AMD EPYC (cifar/cpu.py); pass "
+                "--trainer.precision 32-true"
+            )
         # Data-dependent init (AirbenchNet's whitening). A resumed fit then loads its checkpoint over it.
         if stage == "fit" and hasattr(self.net, "init_from_data"):
             images = self.trainer.datamodule.train_dataset.images[:5000]

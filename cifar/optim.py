@@ -10,12 +10,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from cifar import cpu
+
 
 def orthogonalize(g: Tensor, steps: int) -> Tensor:
     """Approximately U @ V.T of g = U S V.T (all singular values pushed towards 1) by a quintic Newton-Schulz
-    iteration in bf16; the coefficients are Muon's, tuned for few steps, not exactness."""
+    iteration in bf16 (float32 on a CPU without bf16 instructions, where bf16 is emulated: `cifar/cpu.py`); the
+    coefficients are Muon's, tuned for few steps, not exactness."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(torch.float32 if g.device.type == "cpu" and cpu.has_bf16() is False else torch.bfloat16)
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x

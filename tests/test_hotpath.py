@@ -159,7 +159,7 @@ def test_a_compiled_net_recompiles_only_for_the_last_batch_and_for_evaluation(fo
 
 FREED_MEMORY_PROBE = """
 import sys, torch
-from cifar.malloc import keep_freed_memory
+from cifar.cpu import keep_freed_memory
 applied = keep_freed_memory()
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20  # MB
 for _ in range(3):
@@ -186,3 +186,17 @@ def test_freed_memory_is_kept_for_the_next_step_unless_the_user_tuned_malloc(env
         assert (applied, int(released) > 200) == ("False", True)  # glibc's default: unmapped on free
     else:
         assert (applied, int(released) < 50) == ("True", True)
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_says_to_train_in_32_bit(has_bf16, folder_data, tmp_path, monkeypatch,
+                                                                         recwarn):  # fmt: skip
+    """Emulated bf16 is ~16x slower a step than 32-bit (an AVX2 EPYC): a bf16 fit on such a CPU says so and what to
+    pass instead; on a CPU with bf16 instructions it says nothing."""
+    from cifar.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("cifar.cpu.has_bf16", lambda: has_bf16)
+    main(["fit", *options(folder_data, "--trainer.precision", "bf16-mixed", val_size=12, epochs=1, logger=False)])
+    said = [str(w.message) for w in recwarn if "no bf16 instructions" in str(w.message)]
+    assert (said and "--trainer.precision 32-true" in said[0]) if not has_bf16 else not said, said

@@ -1,6 +1,8 @@
 """`main.py sweep`: a W&B sweep file searched by Optuna, each trial a real `fit` in its own process, on tiny data."""
 
 import glob
+import json
+import math
 import os
 import pwd
 import shutil
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -199,3 +202,62 @@ def test_the_repositorys_sweep_file_runs_here_as_wandb_reads_it(monkeypatch):
     assert spec.method == "bayes" and type(spec.sampler(0)).__name__ == "TPESampler" and spec.direction == "maximize"
     assert spec.base[:2] == ["--config", "configs/cifar.yaml"] and len(spec.parameters) == 3
     assert sweep.check_options(spec)["model"]["net"]["class_path"] == "cifar.nets.TutorialCNN"
+
+
+def test_each_wandb_distribution_draws_what_wandb_defines():
+    """W&B's distributions drawn through Optuna (random sampler, 400 trials): log_uniform takes ln bounds,
+    log_uniform_values the values; q_* give multiples of q; the normals their mean and spread; categorical values of
+    any YAML type come back as they were."""
+    import statistics
+
+    import optuna
+
+    from cifar import sweepfile
+
+    specs = {
+        "ln": {"distribution": "log_uniform", "min": -5, "max": -1},
+        "values": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
+        "q": {"distribution": "q_uniform", "min": 0, "max": 1, "q": 0.25},
+        "q_log": {"distribution": "q_log_uniform_values", "min": 10, "max": 1000, "q": 10},
+        "normal": {"distribution": "normal", "mu": 2, "sigma": 0.5},
+        "log_normal": {"distribution": "log_normal", "mu": 0, "sigma": 1},
+        "q_normal": {"distribution": "q_normal", "mu": 0, "sigma": 3, "q": 1},
+        "choice": {"values": [[1, 2], "a", None]},
+        "int": {"min": 1, "max": 3},
+    }
+    bad = lambda key, why: ValueError(key, why)  # noqa: E731
+    parameters = [sweepfile.parameter(key, spec, bad, "random") for key, spec in specs.items()]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    draws = {p.key: [] for p in parameters}
+    for _ in range(400):
+        trial = study.ask()
+        for p in parameters:
+            draws[p.key].append(p.suggest(trial))
+        study.tell(trial, 0.0)
+    ln = draws["ln"]
+    assert all(math.exp(-5) <= v <= math.exp(-1) for v in ln) and min(ln) < math.exp(-4) and max(ln) > math.exp(-2)
+    assert 0.2 < sum(v < 1e-3 for v in draws["values"]) / 400 < 0.47  # a third of a log-uniform range: 1e-4 to 1e-3
+    assert set(draws["q"]) <= {0, 0.25, 0.5, 0.75, 1} and len(set(draws["q"])) >= 4
+    assert all(v % 10 == 0 and 10 <= v <= 1000 for v in draws["q_log"])
+    assert abs(statistics.mean(draws["normal"]) - 2) < 0.1 and abs(statistics.stdev(draws["normal"]) - 0.5) < 0.1
+    assert all(v > 0 for v in draws["log_normal"]) and abs(statistics.median(map(math.log, draws["log_normal"]))) < 0.2
+    assert all(v == round(v) for v in draws["q_normal"]) and len(set(draws["q_normal"])) > 5
+    assert {json.dumps(v) for v in draws["choice"]} == {"[1, 2]", '"a"', "null"}
+    assert set(draws["int"]) == {1, 2, 3}
+
+
+def test_a_sweep_ends_once_a_trial_reaches_the_metrics_target():
+    """W&B's `metric.target`: the sweep ends once a complete trial's value reaches it, in the goal's direction."""
+    import optuna
+
+    from cifar.sweep import reached
+
+    study = optuna.create_study()
+    for value in (0.3, 0.6):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    assert reached(SimpleNamespace(target=0.5, direction="maximize"), study.trials)
+    assert not reached(SimpleNamespace(target=0.7, direction="maximize"), study.trials)
+    assert reached(SimpleNamespace(target=0.4, direction="minimize"), study.trials)
+    assert not reached(SimpleNamespace(target=0.2, direction="minimize"), study.trials)
+    assert not reached(SimpleNamespace(target=None, direction="maximize"), study.trials)
