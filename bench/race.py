@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.fast import LOSSLESS, unpacked  # noqa: E402
+from cifar.cpu import has_bf16  # noqa: E402
 from wandb_records import history  # noqa: E402  (an offline W&B run file's records, as the tests read them)
 
 REPOSITORY, COMMIT, FILE = "https://github.com/hiverge/cifar10-speedrun", "5cd49b1", "cifar10_speedrun.py"
@@ -193,8 +194,7 @@ def run_app(config: str, seed: int, data: str, env: dict, extra: list[str], root
 def host() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = "AVX512-BF16" if "avx512_bf16" in flags else "AMX" if "amx_bf16" in flags else "no bf16 instructions"
+    isa = {True: "bf16 instructions", False: "no bf16 instructions", None: "bf16 instructions unknown"}[has_bf16()]
     import torch
 
     return f"{cpu}, {os.cpu_count()} cores, {isa}; torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -109,12 +109,16 @@ def point_at(run_: run.Run, config: Namespace) -> None:
     """Point the parsed config at the run: the trainer's root, every logger, and ModelCheckpoint's `dirpath` where
     unset (LightningCLI builds them from the config, and none takes a directory afterwards)."""
     config.trainer.default_root_dir = str(run_.dir)
-    for kind, value in (("logger", config.trainer.logger), ("callbacks", config.trainer.callbacks)):
-        for entry in [e for e in (value if isinstance(value, list) else [value]) if isinstance(e, Namespace)]:
-            if kind == "logger":
-                loggers.point(entry, locate(entry.class_path), run_)
-            elif issubclass(locate(entry.class_path), ModelCheckpoint) and not entry.init_args.get("dirpath"):
-                entry.init_args.dirpath = str(run_.dir / "checkpoints")
+    for entry in entries(config.trainer.logger):
+        loggers.point(entry, locate(entry.class_path), run_)
+    for entry in entries(config.trainer.callbacks):
+        if issubclass(locate(entry.class_path), ModelCheckpoint) and not entry.init_args.get("dirpath"):
+            entry.init_args.dirpath = str(run_.dir / "checkpoints")
+
+
+def entries(value) -> list[Namespace]:
+    """The class_path/init_args entries of a config value that may be None, a bool, one entry or a list."""
+    return [e for e in (value if isinstance(value, list) else [value]) if isinstance(e, Namespace)]
 
 
 def model_parser(**kwargs) -> LightningArgumentParser:

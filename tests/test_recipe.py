@@ -492,3 +492,14 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host():
             model._step(batch, "val")
     assert reads.count == 0
     assert model.scores["train_scores"]["acc"].compute().item() >= 0 and model.losses["val_loss"].compute().item() > 0
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_muon_iterates_in_float32_on_a_cpu_without_bf16_instructions(has_bf16, monkeypatch):
+    """Emulated bf16 matmuls are ~37x slower than float32 (an AVX2 EPYC): Newton-Schulz multiplies in float32 on
+    such a CPU, in bf16 on one with bf16 instructions."""
+    monkeypatch.setattr("cifar.cpu.has_bf16", lambda: has_bf16)
+    dtypes, matmul = set(), torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: dtypes.add(a.dtype) or matmul(a, b))
+    assert orthogonalize(torch.randn(16, 72), steps=2).dtype == torch.float32
+    assert dtypes == {torch.bfloat16 if has_bf16 else torch.float32}
