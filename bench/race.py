@@ -2,6 +2,7 @@
 
     python bench/race.py --seeds 0 1 2                   # the lossless PNGs of ../shared/data, 45k train / 5k held out
     python bench/race.py --record ~/cifar10-speedrun     # a clone of hiverge/cifar10-speedrun (else cloned from GitHub)
+    python bench/race.py --precision float32             # both in float32 (the default on a CPU without bf16)
     python bench/race.py --smoke                         # 3 steps each in float32: checks the harness, not the race
 
 The record is hiverge's `cifar10_speedrun.py` at commit 5cd49b1 (94.01% in 2.015 s on an A100). Its code is not
@@ -14,8 +15,9 @@ sets it. For each seed the record runs, then the app, each a fresh process timed
 checkpoints, the final evaluation); the app with its config's own logger (W&B, offline), as a user runs it.
 Prints each run with its median seconds a step in each epoch (the record's steps timed by a clock read added to its
 loop, the app's by `bench.timer.BatchTimer`), both means, and the ratio app / record of the mean whole-process times.
-The race needs a CPU with bf16 instructions (AVX512-BF16 or AMX), as fast.yaml trains in bf16: without them each
-bf16 step is emulated, minutes a step. The host line says which.
+fast.yaml trains in bf16, as the record ran in half, and that needs a CPU with bf16 instructions (AVX512-BF16 or
+AMX): without them each bf16 step is emulated, minutes a step. There both sides run in float32 (the app as it advises
+on such a CPU, `--trainer.precision 32-true`; the record's half in float32 too), and the header says so.
 """
 
 import argparse
@@ -41,7 +43,7 @@ REPOSITORY, COMMIT, FILE = "https://github.com/hiverge/cifar10-speedrun", "5cd49
 SHA256 = "d1e1f6991cc3e1758c0bbc0e728c86a4b3119dd42a9233075b2edb9735d0ba91"  # of FILE at COMMIT
 
 # Put first in the copy: the data (decoded by the app's reader, split by the app's split), a host timer in place of
-# CUDA events, and the precision (bf16 autocast, as fast.yaml's bf16-mixed; RACE_DTYPE=float32 turns it off).
+# CUDA events, and the precision (bf16 autocast, as fast.yaml's bf16-mixed; RACE_DTYPE=float32: float32 throughout).
 PRELUDE = '''import json as _json
 import time as _time
 from pathlib import Path as _Path
@@ -50,7 +52,9 @@ import torch as _torch
 from cifar.data import split_indices as _split_indices
 from cifar.readers import folder_classes as _folder_classes, list_folder as _list_folder, read_folder as _read_folder
 
-_AUTOCAST = dict(device_type="cpu", dtype=_torch.bfloat16, enabled=os.environ.get("RACE_DTYPE") != "float32")
+_FLOAT32 = os.environ.get("RACE_DTYPE") == "float32"  # a host without bf16 instructions: float32 throughout
+_AUTOCAST = dict(device_type="cpu", dtype=_torch.bfloat16, enabled=not _FLOAT32)
+_HALF = _torch.float32 if _FLOAT32 else _torch.bfloat16  # what it kept in half: Muon's momentum, the staging buffer
 _STEPS = int(os.environ.get("RACE_STEPS") or 0)  # 0: the record's own count
 _DATA = {}
 
@@ -101,7 +105,7 @@ CHANGES = [
     ("(0.247, 0.2435, 0.2616), dtype=torch.half)", "(0.247, 0.2435, 0.2616), dtype=torch.float)", 1, "as above"),
     ("(self.images.half() / 255)", "(self.images.float() / 255)", 1, "as above"),
     ("        for mod in self.modules():\n            mod.half()\n", "", 1, "as above"),
-    ("torch.half", "torch.bfloat16", 5, "Muon's momentum in bf16, as it was in half; the pinned buffer's dtype"),
+    ("torch.half", "_HALF", 5, "Muon's momentum and the staging buffer: bf16 as they were half (or float32)"),
     (".pin_memory()", "", 1, "pinned memory needs CUDA"),
     ('device="cuda"', 'device="cpu"', 1, "the CPU"),
     ("if not os.path.exists(data_path):", "if False:  # the PNGs, not a download", 1, "no internet, same data"),
@@ -122,6 +126,8 @@ CHANGES = [
     ("    tta_val_acc = evaluate(model, test_loader, tta_level=2)\n",
      "    _save_starts(len(train_loader))\n    tta_val_acc = evaluate(model, test_loader, tta_level=2)\n", 1,
      "as above"),
+    ("    train_acc = evaluate(model, train_loader, tta_level=0)\n", "    train_acc = float('nan')\n", 1,
+     "after its timer, its accuracy on the 45k it trained on: not the race's figure, and the app does not compute it"),
     ("CifarNet().cuda()", "CifarNet()", 1, "the CPU"),
     ('    main("warmup", model)\n', "", 1, "its warm-up run on noise compiles kernels: nothing to compile here"),
     ("for run in range(200):", "for run in range(1):", 1, "one run a process: the race times whole processes"),
@@ -176,7 +182,9 @@ def run_record(script: Path, data: str, env: dict) -> dict:
     seconds, output = timed([sys.executable, str(script)], {**env, "RACE_DATA_DIR": data, "RACE_TIMES": str(times)},
                             script.parent)  # fmt: skip
     acc = re.search(r"Accuracies: Mean: ([0-9.]+)", output)  # its TTA accuracy on the 5k held out
-    return {"seconds": seconds, "acc": float(acc.group(1)), "steps": epoch_step_times(times)}
+    timed_region = re.search(r"Times \(s\): +Mean: ([0-9.]+)", output)  # its own timer: training and the TTA
+    return {"seconds": seconds, "acc": float(acc.group(1)), "steps": epoch_step_times(times),
+            "timed": float(timed_region.group(1))}  # fmt: skip
 
 
 def run_app(config: str, seed: int, data: str, env: dict, extra: list[str], root: Path) -> dict:
@@ -207,17 +215,23 @@ def main() -> None:
     parser.add_argument("--data", default=str(LOSSLESS), help="image-folder tree with train/<class>/, or a .tar.gz")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--record", help="a clone of hiverge/cifar10-speedrun (default: cloned into a temporary one)")
+    parser.add_argument("--precision", choices=["bf16", "float32"], help="both sides' precision; default: bf16 where "
+                        "the CPU has bf16 instructions, else float32 (the app's advice there: --trainer.precision "
+                        "32-true; the record's half then float32 too)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="3 steps each, float32: checks the harness only")
     args = parser.parse_args()
+    precision = "float32" if args.smoke else args.precision or ("float32" if has_bf16() is False else "bf16")
 
     # glibc's malloc as the app sets it for fit (cifar/cpu.py), for both; the environment's own settings win.
     env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647", **os.environ, "PYTHONPATH": str(ROOT)}
-    extra = []
+    extra = ["--trainer.precision", "32-true"] if precision == "float32" else []
+    env.update(RACE_DTYPE=precision)
     if args.smoke:
-        env.update(RACE_STEPS="3", RACE_DTYPE="float32")
-        extra = ["--trainer.max_steps", "3", "--trainer.precision", "32-true", "--trainer.check_val_every_n_epoch", "1",
-                 "--trainer.val_check_interval", "3"]  # fmt: skip
-    print(f"host: {host()}\ndata: {args.data}; the record {REPOSITORY} at {COMMIT}; the app {args.config}")
+        env.update(RACE_STEPS="3")
+        extra += ["--trainer.max_steps", "3", "--trainer.check_val_every_n_epoch", "1", "--trainer.val_check_interval",
+                  "3"]  # fmt: skip
+    print(f"host: {host()}\ndata: {args.data}; the record {REPOSITORY} at {COMMIT}; the app {args.config}; both in "
+          f"{precision}")  # fmt: skip
     data, results = unpacked(args.data), {"record": [], "app": []}
     with tempfile.TemporaryDirectory() as work:
         script = Path(work, "record_cpu.py")
@@ -228,8 +242,9 @@ def main() -> None:
             for side in results:
                 r = results[side][-1]
                 steps = " ".join(f"{t:.2f}" for t in r["steps"])
-                print(f"  seed {seed}: {side:6} {r['seconds']:6.0f} s whole process, accuracy {r['acc']:.4f}; "
-                      f"median s a step, each epoch: {steps}")  # fmt: skip
+                timed_region = f" ({r['timed']:.0f} s by its own timer)" if "timed" in r else ""
+                print(f"  seed {seed}: {side:6} {r['seconds']:6.0f} s whole process{timed_region}, accuracy "
+                      f"{r['acc']:.4f}; median s a step, each epoch: {steps}")  # fmt: skip
     means = {side: (statistics.mean(r["seconds"] for r in rs), statistics.mean(r["acc"] for r in rs))
              for side, rs in results.items()}  # fmt: skip
     for side, (seconds, acc) in means.items():

@@ -107,7 +107,8 @@ class LitModel(LightningModule):
         compile: Compile the network with `torch.compile` (slower start, faster steps where it helps).
         classes: Class names, index = label (linked from `data.classes`), kept in checkpoints to name served outputs.
         freeze_after: Parameters that train for the first epochs only: name in this module (e.g. `net.whiten.bias`)
-            -> epochs (a fraction counts in batches), each in its own optimizer group; null: none.
+            -> epochs (a fraction counts in batches), each in its own optimizer group, then learning rate 0 (and on
+            one process no gradient); null: none.
         freeze_schedule: `step`: the scheduled rate for those epochs, then 0; `linear`: from the optimizer's initial
             rate linearly to 0 over them, whatever the scheduler does (airbench94_muon's whitening bias).
     """
@@ -234,14 +235,19 @@ class LitModel(LightningModule):
                             f" the data has another number of classes, or --config or --model.net name another network")
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        # Learning rate 0, not `requires_grad_(False)`: DDP needs the same parameters to get gradients every step (and
-        # lr 0 also stops momentum and weight decay). Before the batch's optimizer step: it overrides the scheduler.
+        # Learning rate 0 (which also stops momentum and weight decay), before the batch's optimizer step: it overrides
+        # the scheduler. On one process a frozen parameter also stops getting gradients, as the record detaches its
+        # whitening bias: the backward then skips the first layer's input gradient (bench/RESULTS.md). Under DDP every
+        # parameter must get a gradient every step, so there it only stands still.
         progress = self.current_epoch + batch_idx / self.trainer.num_training_batches  # in epochs
         for group in [g for o in self.trainer.optimizers for g in o.param_groups if "freeze_after" in g]:
+            frozen = progress >= group["freeze_after"]
             if self.freeze_schedule == "linear":
                 group["lr"] = group["initial_lr"] * max(0.0, 1 - progress / group["freeze_after"])
-            elif progress >= group["freeze_after"]:  # step: the scheduler's rate until then
+            elif frozen:  # step: the scheduler's rate until then
                 group["lr"] = 0.0
+            for param in group["params"]:
+                param.requires_grad_(not frozen or self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         named = {n: p for n, p in self.classifier.named_parameters() if p.requires_grad or n in self.freeze_after}

@@ -82,10 +82,7 @@ def load_checkpoint(path: Path) -> dict:
 def config_of(checkpoint: dict) -> dict:
     """The config a checkpoint trained with: its run's; from outside this app, its model's hyperparameters."""
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
-    config = (checkpoint.get("run") or {}).get("config") or ({"model": hparams} if hparams else {})
-    if hparams.get("classes"):  # this app's checkpoints before the class names went into the run's config
-        config.setdefault("model", {}).setdefault("classes", hparams["classes"])
-    return config
+    return (checkpoint.get("run") or {}).get("config") or ({"model": hparams} if hparams else {})
 
 
 def lineage(checkpoint: dict | None, ckpt_path: str | None) -> list[dict]:

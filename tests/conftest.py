@@ -28,6 +28,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.datasets import CIFAR10
 
+from cifar.cpu import has_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 CONFIG = str(ROOT / "configs" / "cifar.yaml")
@@ -35,6 +37,9 @@ FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml")  # sweep.yaml: a W&B sweep
 CLASSES = ["bird", "cat", "dog"]  # not 10: proves num_classes flows from the data to the model
 OFFICIAL_CLASSES = ["apple", "boat", "car", "dog"]
+# The configs train in bf16-mixed. A CPU without bf16 instructions emulates each bf16 op, 10-16x slower a step
+# (bench/RESULTS.md): tests that fit a config as it is train in 32-bit there, as the app advises (cifar/cpu.py).
+CPU_PRECISION = ["--trainer.precision", "32-true"] if has_bf16() is False else []
 # Small enough to run in seconds: batch 8, 2 epochs.
 FAST = ["--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
 
@@ -380,7 +385,7 @@ def one_step_fits(tmp_path_factory) -> dict[str, SimpleNamespace]:
         for key, value in wandb_env(root).items():
             patch.setenv(key, value) if value is not None else patch.delenv(key, raising=False)
         for config in CONFIGS:
-            common = options(data, config=config, batch_size=4, progress_bar=False)
+            common = options(data, *CPU_PRECISION, config=config, batch_size=4, progress_bar=False)
             fitted = set(root.glob("runs/*/*-fit-*"))
             main(["fit", *common, "--data.val_size", "4", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
                   "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",

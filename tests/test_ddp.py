@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (CLASSES, CONFIG, FAST, FAST_CONFIG, ROOT, app_messages, cli_command, cli_env, make_folder_data,
-                      only, run_cli)
+from conftest import (CLASSES, CONFIG, CPU_PRECISION, FAST, FAST_CONFIG, ROOT, app_messages, cli_command, cli_env,
+                      make_folder_data, only, run_cli)
 
 import wandb_records
 from cifar.cli import main
@@ -152,7 +152,8 @@ def test_fast_recipe_trains_past_the_whitening_freeze_under_ddp_like_one_process
               "--trainer.enable_progress_bar", "false", "--seed_everything", "0", "--trainer.accelerator", "cpu",
               # the SGD learning rates scaled down to batch 16 (README); unscaled, 4 epochs of 48 images
               # land anywhere from 33% to 100% test accuracy, on one process or two, depending on the seed
-              "--model.optimizer.init_args.bias_lr", "0.85", "--model.optimizer.init_args.head_lr", "10.7"]  # fmt: skip
+              "--model.optimizer.init_args.bias_lr", "0.85", "--model.optimizer.init_args.head_lr", "10.7",
+              *CPU_PRECISION]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--data.batch_size", "8"]  # 2 x 8 = 16 per step
     tests = {}
     for name, extra in (("ddp", ddp), ("single", ["--data.batch_size", "16"])):

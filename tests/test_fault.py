@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import (FAST_CONFIG, FAST_RECIPE, cli_env, cli_error, fitted_copy, options, only, run_cli,
+from conftest import (CPU_PRECISION, FAST_CONFIG, FAST_RECIPE, cli_env, cli_error, fitted_copy, options, only, run_cli,
                       stopped_run_resumes_exactly)
 
 @pytest.mark.parametrize(("sig", "code", "recipe"), [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, []),
@@ -162,7 +162,8 @@ def test_fast_recipe_resumed_without_its_seed_ends_with_the_same_weights(folder_
 
     monkeypatch.chdir(tmp_path)
     common = options(folder_data, "--trainer.enable_model_summary", "false", "--model.scheduler.init_args.total_steps",
-                     "12", config=FAST_CONFIG, val_size=0, batch_size=16, logger=False, progress_bar=False)
+                     "12", *CPU_PRECISION, config=FAST_CONFIG, val_size=0, batch_size=16, logger=False,
+                     progress_bar=False)
     # total_steps 12: 4 epochs x 3 steps, whatever max_epochs says
     main(["fit", *common, "--seed_everything", "7", "--trainer.max_epochs", "4", "--trainer.default_root_dir", "straight"])
     main(["fit", *common, "--seed_everything", "7", "--trainer.max_epochs", "2", "--trainer.default_root_dir", "resumed"])

@@ -7,9 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG, ROOT, run_cli
-
-from cifar.cpu import has_bf16
+from conftest import CONFIG, CPU_PRECISION, ROOT, run_cli
 
 SHARED = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
@@ -27,12 +25,9 @@ def test_fit_on_50k_images_memory_is_bounded_and_flat(tmp_path: Path):
         with tarfile.open(SHARED) as tar:
             tar.extractall(tmp_path / "data", filter="data")
     times = tmp_path / "times.json"
-    # The fast CPU configuration: bf16 where the CPU has bf16 instructions; else 32-bit, as the app advises (emulated
-    # bf16 is ~16x slower a step there).
-    precision = "32" if has_bf16() is False else "bf16-mixed"
     run_cli(["fit", "--config", CONFIG, "--data.data_dir", str(tmp_path / "data"), "--trainer.max_epochs", "5",
              "--trainer.limit_train_batches", "0.1", "--data.batch_size", "256", "--model.channels_last", "true",
-             "--trainer.precision", precision, "--model.optimizer.init_args.lr", "2e-3",
+             "--trainer.precision", "bf16-mixed", *CPU_PRECISION, "--model.optimizer.init_args.lr", "2e-3",
              "--trainer.enable_progress_bar", "false", "--trainer.callbacks+", "bench.timer.BatchTimer",
              "--trainer.callbacks.output", str(times)], tmp_path)  # fmt: skip
     result = json.loads(times.read_text())
