@@ -37,7 +37,7 @@ FAST_CONFIG = str(ROOT / "configs" / "fast.yaml")
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml")  # sweep.yaml: a W&B sweep
 CLASSES = ["bird", "cat", "dog"]  # not 10: proves num_classes flows from the data to the model
 OFFICIAL_CLASSES = ["apple", "boat", "car", "dog"]
-# The configs train in bf16-mixed. A CPU without bf16 instructions emulates each bf16 op, 10-16x slower a step
+# The configs train in bf16-mixed. A CPU without bf16 instructions emulates each bf16 op, up to 16x slower a step
 # (bench/RESULTS.md): tests that fit a config as it is train in 32-bit there, as the app advises (cifar/cpu.py).
 CPU_PRECISION = ["--trainer.precision", "32-true"] if has_bf16() is False else []
 # Small enough to run in seconds: batch 8, 2 epochs.
