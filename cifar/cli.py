@@ -4,6 +4,7 @@ way for every command: its config, then `--config` files, then the command line 
 
 import argparse
 import contextlib
+import importlib
 import inspect
 import logging
 import os
@@ -23,13 +24,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from cifar import loggers, run
 from cifar.data import CIFAR10DataModule
 from cifar.errors import UserError, first_line
-from cifar.export import export
 from cifar.cpu import keep_freed_memory
 from cifar.module import LitModel
 from cifar.resume import RandomState, StopOnSignal, Stopped
-from cifar.serve import serve
 
-TOOLS = {"export": export, "serve": serve}  # subcommands that are not training: `main.py export --help`
+# Subcommands that are not training (`main.py export --help`): their modules, imported when run, so that a fit (each
+# trial of a sweep) does not import LitServe.
+TOOLS = {"export": "cifar.export", "serve": "cifar.serve"}
 
 
 class CifarCLI(LightningCLI):
@@ -163,7 +164,7 @@ def load_model(ckpt_path: str | Path, *args: str) -> LitModel:
 
 def run_tool(name: str, argv: list[str]) -> None:
     """A tool (`export`, `serve`): a typed function of the rebuilt model, with the options every command takes."""
-    tool = TOOLS[name]
+    tool = getattr(importlib.import_module(TOOLS[name]), name)
     parser = model_parser(prog=f"main.py {name}", exit_on_error=False, description=tool.__doc__.split("\n")[0])
     parser.add_function_arguments(tool, as_group=False, skip={"model", "ckpt_path"})
     options, model, ckpt_path = rebuilt(parser, argv)

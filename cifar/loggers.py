@@ -28,7 +28,8 @@ def point(logger: Namespace, logger_class: type, run) -> None:
 
 def offline_without_a_key(init_args: Namespace) -> None:
     """W&B's own settings decide online or offline, except that with no API key a run logs offline rather than
-    prompting or failing (and says how to upload it). `offline: true` or a `mode` in the config wins."""
+    prompting or failing (and says how to upload it). `offline: true` or a `mode` in the config wins. The mode is
+    passed to the run: W&B reads WANDB_MODE at a process's first run only, and `main()` may run again in one."""
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")  # seconds; W&B's 90 is long to wait for an error
     if init_args.get("offline") and init_args.get("log_model"):  # WandbLogger refuses the pair, in a traceback
         raise UserError("log_model with offline: true: Lightning's WandbLogger refuses to log checkpoints offline. Drop "
@@ -36,7 +37,8 @@ def offline_without_a_key(init_args: Namespace) -> None:
                         "`wandb sync`) or log_model")  # fmt: skip
     if init_args.get("offline") or init_args.get("mode"):
         return
-    if (os.environ.get("WANDB_MODE") or wandb.setup().settings.mode) == "online" and not wandb.login(prompt=False):
+    init_args.mode = os.environ.get("WANDB_MODE") or wandb.setup().settings.mode
+    if init_args.mode == "online" and not wandb.login(prompt=False):
         init_args.mode = "offline"
         rank_zero_info("W&B: no API key configured (`wandb login` or WANDB_API_KEY), so this run logs offline; "
                        "upload it later with `wandb sync <run dir>/wandb`")  # fmt: skip

@@ -43,6 +43,34 @@ CPU_PRECISION = ["--trainer.precision", "32-true"] if has_bf16() is False else [
 # Small enough to run in seconds: batch 8, 2 epochs.
 FAST = ["--data.batch_size", "8", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
 
+
+def pytest_configure(config):
+    """In a pytest-xdist worker (pyproject.toml's addopts: one per core), this process and the processes it starts
+    use their share of the cores: PyTorch's OpenMP threads busy-wait, so two workers with a thread per core each
+    run the compute-bound tests up to ten times slower (docs/testing.md)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+# Fixtures that fit or serve once for many tests (every config fitted one step; a module's fit; a server): the tests
+# using one run on one pytest-xdist worker (--dist loadgroup), which makes it once.
+SHARED_FIXTURES = ("one_step_fits", "held_out_fit", "server")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
+def pytest_collection_modifyitems(items):
+    """The slow tests first (marked slow, or using one_step_fits), so that no worker starts one last while the others
+    have nothing left; the tests of each of SHARED_FIXTURES in one group."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or "one_step_fits" in item.fixturenames))
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+
+
 # Runs the CLI with torchvision's CIFAR-10 checksum table replaced by the test data's (JSON in argv[1]).
 PATCHED_MAIN = """
 import json, sys

@@ -181,6 +181,20 @@ def test_test_report_in_wandb_and_as_pngs(folder_data: Path, tmp_path: Path, mon
     assert confidences == sorted(confidences, reverse=True)  # most confident first
 
 
+def test_wandb_mode_set_between_two_commands_in_one_process_is_the_second_ones(folder_data: Path, tmp_path: Path,
+                                                                               monkeypatch):
+    """W&B reads WANDB_MODE at a process's first run only: a second `main()` in the process, by a user who now has an
+    API key and chose offline mode, still logs offline (not online, which fails here with no server)."""
+    monkeypatch.chdir(tmp_path)
+    main(["test", *options(folder_data, *FAST)])  # no API key: offline
+    wandb.finish()
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(["test", *options(folder_data, *FAST)])
+    wandb.finish()
+    assert len(list((tmp_path / "runs" / "cifar").glob("*-test-*/wandb/offline-run-*"))) == 2
+
+
 def test_without_an_api_key_wandb_logs_offline_with_checkpoints_as_model_artifacts(folder_data: Path, tmp_path: Path,
                                                                                    capsys, monkeypatch):  # fmt: skip
     fit = run_cli(["fit", *options(folder_data, *FAST, "--trainer.max_epochs", "1", "--trainer.logger.init_args.log_model",

@@ -120,6 +120,7 @@ def test_a_corrupt_newest_checkpoint_is_named_not_used(fitted, tmp_path, capsys,
         assert f"{path} is not a readable Lightning checkpoint" in message
 
 
+@pytest.mark.slow
 def test_online_wandb_with_no_server_fails_fast_with_advice(folder_data, tmp_path):
     env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "local-" + "0" * 40, "WANDB_INIT_TIMEOUT": "5"}
     started = time.time()

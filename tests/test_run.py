@@ -90,6 +90,7 @@ def wait_for(condition, what: str, process: subprocess.Popen, seconds: float = 1
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_run_has_one_writer_and_a_dead_writer_does_not_block_it(folder_data: Path, tmp_path: Path, capsys,
                                                                    monkeypatch):  # fmt: skip
     """Two `fit --ckpt_path last` of one run at once: the second stops in one line naming the first (host, pid)

@@ -28,17 +28,18 @@ def best_val_loss(run: Path) -> float:
     return float(next(v for k, v in state.items() if k.startswith("ModelCheckpoint"))["best_model_score"])
 
 
+@pytest.mark.slow
 def test_two_workers_run_each_trial_once_and_best_yaml_refits_to_the_best_value(folder_data: Path, tmp_path: Path):
     file = sweep_file(tmp_path, folder_data, {**LR, "data.batch_size": {"values": [4, 8]}}, logger=None)
-    workers = [subprocess.Popen(cli_command(["sweep", str(file), "--trials", "4", "--heartbeat", "2"]), cwd=tmp_path,
+    workers = [subprocess.Popen(cli_command(["sweep", str(file), "--trials", "3", "--heartbeat", "2"]), cwd=tmp_path,
                                 env=cli_env(), stderr=subprocess.PIPE, text=True) for _ in range(2)]
     said = [worker.communicate(timeout=600)[1] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], said
     folder = tmp_path / "runs" / "sweeps" / "sweep"
     rows = sweep_trials(folder)
-    assert sorted(int(r["trial"]) for r in rows) == [0, 1, 2, 3] and {r["state"] for r in rows} == {"complete"}, rows
+    assert sorted(int(r["trial"]) for r in rows) == [0, 1, 2] and {r["state"] for r in rows} == {"complete"}, rows
     runs = {r["run"] for r in rows}
-    assert len(runs) == 4 and runs == {str(p.relative_to(tmp_path)) for p in folder.glob("*-fit-*")}
+    assert len(runs) == 3 and runs == {str(p.relative_to(tmp_path)) for p in folder.glob("*-fit-*")}
     assert all(sorted(p.name for p in (tmp_path / run).glob("config*.yaml")) == ["config.yaml"] for run in runs)  # once
     run_file = only((tmp_path / rows[0]["run"]).glob("wandb/offline-run-*/run-*.wandb"))
     assert wandb_records.group(run_file) == "sweep" and "sweep" in wandb_records.tags(run_file)
@@ -51,6 +52,7 @@ def test_two_workers_run_each_trial_once_and_best_yaml_refits_to_the_best_value(
     assert best_val_loss(refit) == pytest.approx(float(best["value"]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hyperband_prunes_a_trial_worse_than_the_one_before(folder_data: Path, tmp_path: Path, monkeypatch):
     """One bracket, its rung after the first epoch (max_iter 1, s 0), eta 2: a trial that does not learn (lr 0),
     after one that does (the grid's order with seed 1), stops after its first epoch with its checkpoint saved."""
@@ -65,6 +67,7 @@ def test_hyperband_prunes_a_trial_worse_than_the_one_before(folder_data: Path, t
     assert pruned["epoch"] == 0  # saved after its first epoch, of 2
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_with_its_error_line_and_the_sweep_goes_on(folder_data: Path, tmp_path: Path,
                                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -78,25 +81,27 @@ def test_a_failing_trial_is_recorded_with_its_error_line_and_the_sweep_goes_on(f
         assert rows[1000, lr]["state"] == "fail" and "--data.val_size=1000 is out of range" in rows[1000, lr]["note"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_by_sigkill_leaves_no_trial_running_and_the_sweep_completes(folder_data: Path, tmp_path: Path):
     kill = ["--data.batch_size", "4", "--trainer.callbacks+=signals.SignalWorkerOnce",  # 18 steps: it stops mid-way
             "--trainer.callbacks.marker", str(tmp_path / "killed"), "--trainer.callbacks.signal", "SIGKILL"]
-    command = ["sweep", str(sweep_file(tmp_path, folder_data, LR, *kill)), "--trials", "2", "--heartbeat", "1"]
+    command = ["sweep", str(sweep_file(tmp_path, folder_data, LR, *kill)), "--trials", "1", "--heartbeat", "1"]
     killed = subprocess.run(cli_command(command), cwd=tmp_path, env=cli_env(), capture_output=True, timeout=600)
     assert killed.returncode == -9 and (tmp_path / "killed").exists()
     run_cli(command, tmp_path)  # another worker: the killed one's trial goes stale, is failed and run again
     rows = sweep_trials(tmp_path / "runs/sweeps/sweep")
-    assert [r["state"] for r in rows].count("complete") == 2 and "running" not in {r["state"] for r in rows}, rows
+    assert [r["state"] for r in rows] == ["fail", "complete"], rows  # the retry counts as the trial it runs again
     again = only(r for r in rows if r["note"] == "runs trial 0 again")
     assert rows[0]["state"] == "fail" and again["run"] == rows[0]["run"]  # resumed from the checkpoint saved at SIGTERM
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_worker_after_its_trial_saves_and_the_same_command_continues(folder_data: Path,
                                                                                         tmp_path: Path):
     interrupt = ["--data.batch_size", "4", "--trainer.callbacks+=signals.SignalWorkerOnce",  # 18 steps: mid-way
                  "--trainer.callbacks.marker",
                  str(tmp_path / "interrupted"), "--trainer.callbacks.signal", "SIGINT"]
-    command = ["sweep", str(sweep_file(tmp_path, folder_data, LR, *interrupt)), "--trials", "2"]
+    command = ["sweep", str(sweep_file(tmp_path, folder_data, LR, *interrupt)), "--trials", "1"]
     stopped = run_cli(command, tmp_path, check=False)
     assert stopped.returncode == 130 and "run the same command to continue" in stopped.stderr
     first = only(sweep_trials(tmp_path / "runs/sweeps/sweep")[:1])
@@ -104,7 +109,7 @@ def test_ctrl_c_stops_the_worker_after_its_trial_saves_and_the_same_command_cont
     assert Path(tmp_path, first["run"], "checkpoints", "last.ckpt").exists()
     run_cli(command, tmp_path)
     rows = sweep_trials(tmp_path / "runs/sweeps/sweep")
-    assert [r["state"] for r in rows].count("complete") == 2, rows
+    assert [r["state"] for r in rows] == ["fail", "complete"], rows
     again = only(r for r in rows if r["note"] == "runs trial 0 again")
     assert again["run"] == first["run"] and Path(tmp_path, first["run"], "config-resume-2.yaml").exists()  # resumed
 
